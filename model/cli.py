@@ -1,0 +1,127 @@
+"""`cllm4rec train` and `cllm4rec evaluate` (the offline side of the one `cllm4rec` command)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+
+import torch
+
+from model.checkpoint import load_recommender, read_checkpoint
+from model.data import DataError, load_dataset
+from model.evaluate import (EASE_LAMBDAS, ease_scorer, evaluate_cllm4rec, evaluate_scorer, evaluation_users,
+                            metric_names, most_popular_scorer, pick_ease_lambda)
+from model.train import TrainConfig, resolve_device, train
+
+# Options whose flag is not simply the field name with dashes, or that need help text.
+HELP = {
+    "backbone": "Hugging Face causal LM name or local directory; default: the bundled SmolLM2-135M-Instruct",
+    "backbone_layers": "keep only the first N transformer layers (CPU budgets; fewer layers, lower quality)",
+    "content_epochs": "content-LM-only epochs before the alternating ones (paper: 10)",
+    "pretrain_epochs": "alternating collaborative/content epochs (paper: 100)",
+    "finetune_epochs": "recommendation finetuning epochs, with early stopping (paper: 150)",
+    "lambda_v": "weight of the mutual regularization between the two embedding sets (paper: 1)",
+    "mask_ratio": "share of a user's training items held out of the finetuning prompt (paper: 0.2)",
+    "max_history": "most items in a recommendation prompt or collaborative document",
+    "max_text_tokens": "most words of a review or item text in a content document",
+    "finetune_targets": "masked: predict the held-out items (paper text); all: every training item (reference code)",
+    "finetune_content": "keep training the content LM during finetuning (paper: yes)",
+    "anonymous_prompt_ratio": "share of finetuning prompts without the user token, so unknown users can be served",
+    "val_users": "validation users sampled for the per-epoch check (0: all)",
+    "device": "auto (CUDA when available), cpu or cuda[:N]",
+    "resume": "continue the run in --out from its last completed epoch",
+    "seed": "seed of the split and of training",
+}
+
+
+def add_train_parser(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train a CLLM4Rec checkpoint from a dataset directory",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for field in dataclasses.fields(TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        if field.name in ("data", "out"):
+            p.add_argument(flag, required=True, help="dataset directory" if field.name == "data" else
+                           "checkpoint directory to write")
+        elif field.type in ("bool", bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default,
+                           help=HELP.get(field.name, ""))
+        else:
+            kind = {"int": int, "float": float, "str": str, "int | None": int}[field.type]
+            p.add_argument(flag, type=kind, default=field.default, help=HELP.get(field.name, " "))
+    p.set_defaults(func=run_train)
+
+
+def run_train(args) -> int:
+    config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    try:
+        best = train(config)
+    except KeyboardInterrupt:
+        return 130
+    if best:
+        print(f"best epoch {best['epoch']} ({best['stage']}): " +
+              " ".join(f"{k}={v:.4f}" for k, v in best["val"].items()) + f"; checkpoint in {config.out}")
+    return 0
+
+
+def add_evaluate_parser(subparsers) -> None:
+    p = subparsers.add_parser("evaluate", help="Recall@20/40 and NDCG@100 of a checkpoint next to most-popular and EASE",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory written by cllm4rec train")
+    p.add_argument("--data", required=True, help="the dataset directory the checkpoint was trained on")
+    p.add_argument("--split", choices=("val", "test"), default="test")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--ease-lambda", type=float, default=None,
+                   help=f"EASE regularisation; default: the best of {list(EASE_LAMBDAS)} on the validation part")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=run_evaluate)
+
+
+def run_evaluate(args) -> int:
+    checkpoint = read_checkpoint(args.checkpoint)
+    dataset = load_dataset(args.data)
+    if dataset.fingerprint() != checkpoint.meta.get("data_fingerprint"):
+        raise DataError(f"{args.data} is not the data {args.checkpoint} was trained on (its interactions differ); "
+                         "evaluation needs the same data to use the stored split")
+    split = checkpoint.split
+    n_items = checkpoint.meta["n_items"]
+    users = evaluation_users(split, args.split)
+    if not users:
+        raise DataError(f"no user has {args.split} items (users need at least 3 interactions)")
+    device = resolve_device(args.device)
+    started = time.perf_counter()
+    recommender = load_recommender(args.checkpoint, device, torch.float32)
+    results = {"cllm4rec": evaluate_cllm4rec(recommender.model, recommender.space, split, args.split, users,
+                                             recommender.max_history, args.batch_size)}
+    seconds = time.perf_counter() - started
+    results["most_popular"] = evaluate_scorer(most_popular_scorer(split, n_items), split, args.split, users,
+                                              args.batch_size)
+    lam = args.ease_lambda or pick_ease_lambda(split, n_items, evaluation_users(split, "val"), args.batch_size)
+    results["ease"] = evaluate_scorer(ease_scorer(split, args.split, n_items, lam), split, args.split, users,
+                                      args.batch_size)
+    results["users"] = len(users)
+    results["split"] = args.split
+    results["ease_lambda"] = lam
+    if args.json:
+        print(json.dumps(results))
+        return 0
+    print(f"{args.split} split, {len(users)} users, all {n_items} items ranked, known items excluded "
+          f"(CLLM4Rec scored in {seconds:.0f} s on {device})")
+    names = metric_names()
+    print(f"{'model':<16}" + "".join(f"{n:>12}" for n in names))
+    for model, label in (("cllm4rec", "cllm4rec"), ("most_popular", "most-popular"), ("ease", f"ease (λ={lam:g})")):
+        print(f"{label:<16}" + "".join(f"{results[model][n]:>12.4f}" for n in names))
+    return 0
+
+
+def add_parsers(subparsers) -> None:
+    add_train_parser(subparsers)
+    add_evaluate_parser(subparsers)
+
+
+def report_error(e: Exception) -> int:
+    print(f"cllm4rec: error: {e}", file=sys.stderr)
+    return 2

@@ -1,0 +1,188 @@
+"""The CLLM4Rec module: a frozen causal LM with two sets of learned user/item token embeddings.
+
+    collaborative view: collab_users, collab_items   (collaborative LM, recommendation head)
+    content view:       content_users, content_items (content LM over review/item text)
+
+Ids below n_words are the backbone's own (frozen) word embeddings; the rest index the tables of
+the chosen view (layout in model.prompts). The item head is tied to the collaborative item
+embeddings: an item's logit is the last hidden state dotted with that item's embedding, so the
+model can only ever name items that exist.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.prompts import Document
+
+COLLAB, CONTENT = "collab", "content"
+
+
+@dataclass
+class LMBatch:
+    """Documents of one stage, padded on the right. labels[b, t] is the target of position t."""
+
+    input_ids: torch.Tensor  # [B, T]
+    attention_mask: torch.Tensor  # [B, T]
+    labels: torch.Tensor  # [B, T], -100 where no loss (prompt, padding)
+    users: torch.Tensor  # user indices of the soft tokens in the batch (mutual regularization)
+    items: torch.Tensor  # item indices of the soft tokens in the batch
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+    @property
+    def n_targets(self) -> int:
+        return int((self.labels != -100).sum())
+
+
+@dataclass
+class RecommendBatch:
+    input_ids: torch.Tensor  # [B, T]
+    attention_mask: torch.Tensor  # [B, T]
+    targets: torch.Tensor  # [B, J] multi-hot of the items to predict
+    users: torch.Tensor
+    items: torch.Tensor
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+    @property
+    def n_targets(self) -> int:
+        return int(self.targets.sum())
+
+
+def pad(sequences: Sequence[Sequence[int]], value: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [B, T], attention mask [B, T]), padded on the right."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), value, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for b, s in enumerate(sequences):
+        ids[b, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+        mask[b, : len(s)] = 1
+    return ids, mask
+
+
+def collate_documents(documents: Sequence[Document], label_offset: int) -> LMBatch:
+    """Prompt + main text; the loss covers the main text. label_offset maps a main token to its class
+    (0 for words, n_words + n_users for items, whose classes are item indices)."""
+    ids, mask = pad([d.prompt + d.main for d in documents])
+    labels = torch.full_like(ids, -100)
+    for b, d in enumerate(documents):
+        start = len(d.prompt) - 1  # position whose next token is the first main token
+        labels[b, start : start + len(d.main)] = torch.as_tensor(d.main, dtype=torch.long) - label_offset
+    users = torch.as_tensor([u for d in documents for u in d.users], dtype=torch.long)
+    items = torch.as_tensor([i for d in documents for i in d.items], dtype=torch.long)
+    return LMBatch(ids, mask, labels, users, items)
+
+
+def collate_recommend(prompts: Sequence[list[int]], targets: Sequence[Sequence[int]], users: Sequence[int],
+                      histories: Sequence[Sequence[int]], n_items: int) -> RecommendBatch:
+    ids, mask = pad(prompts)
+    multi_hot = torch.zeros((len(prompts), n_items))
+    for b, t in enumerate(targets):
+        multi_hot[b, list(t)] = 1.0
+    return RecommendBatch(
+        ids, mask, multi_hot,
+        torch.as_tensor([u for u in users if u is not None], dtype=torch.long),
+        torch.as_tensor([i for h in histories for i in h], dtype=torch.long),
+    )
+
+
+class CLLM4Rec(nn.Module):
+    def __init__(self, backbone: nn.Module, n_users: int, n_items: int, init_std: float = 0.02):
+        super().__init__()
+        self.backbone = backbone
+        self.backbone.requires_grad_(False)
+        word_embeddings = backbone.get_input_embeddings()
+        self.n_words = word_embeddings.num_embeddings
+        self.n_users = n_users
+        self.n_items = n_items
+        hidden = word_embeddings.embedding_dim
+        self.collab_users = nn.Embedding(n_users, hidden)
+        self.collab_items = nn.Embedding(n_items, hidden)
+        self.content_users = nn.Embedding(n_users, hidden)
+        self.content_items = nn.Embedding(n_items, hidden)
+        for table in self.tables(COLLAB) + self.tables(CONTENT):
+            nn.init.normal_(table.weight, std=init_std)
+
+    def tables(self, view: str) -> tuple[nn.Embedding, nn.Embedding]:
+        return (self.collab_users, self.collab_items) if view == COLLAB else (self.content_users, self.content_items)
+
+    def train(self, mode: bool = True):
+        # The backbone stays in eval mode (no dropout): it is a fixed feature extractor.
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    # --- forward -----------------------------------------------------------------------------
+    def embed(self, input_ids: torch.Tensor, view: str) -> torch.Tensor:
+        users, items = self.tables(view)
+        word_embeddings = self.backbone.get_input_embeddings()
+        embeds = word_embeddings(input_ids.clamp(max=self.n_words - 1))
+        is_user = (input_ids >= self.n_words) & (input_ids < self.n_words + self.n_users)
+        is_item = input_ids >= self.n_words + self.n_users
+        embeds[is_user] = users(input_ids[is_user] - self.n_words).to(embeds.dtype)
+        embeds[is_item] = items(input_ids[is_item] - self.n_words - self.n_users).to(embeds.dtype)
+        return embeds
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, view: str) -> torch.Tensor:
+        out = self.backbone.base_model(inputs_embeds=self.embed(input_ids, view), attention_mask=attention_mask,
+                                       use_cache=False)
+        return out.last_hidden_state
+
+    def item_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Scores of every item: the item head is tied to the collaborative item embeddings."""
+        return hidden.float() @ self.collab_items.weight.float().T
+
+    # --- losses --------------------------------------------------------------------------------
+    def mutual_regularization(self, view: str, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Sum over the batch's soft tokens of ||own - other||^2, the other view held fixed.
+
+        The caller divides by the batch size along with the likelihood term."""
+        own_users, own_items = self.tables(view)
+        other_users, other_items = self.tables(CONTENT if view == COLLAB else COLLAB)
+        total = own_users.weight.new_zeros(())
+        if len(users):
+            total = total + (own_users(users) - other_users(users).detach()).pow(2).sum()
+        if len(items):
+            total = total + (own_items(items) - other_items(items).detach()).pow(2).sum()
+        return total
+
+    def collaborative_nll(self, batch: LMBatch) -> torch.Tensor:
+        """Summed next-item negative log-likelihood over the main text (softmax over items only)."""
+        hidden = self.hidden_states(batch.input_ids, batch.attention_mask, COLLAB)
+        at = batch.labels != -100
+        return F.cross_entropy(self.item_logits(hidden[at]), batch.labels[at], reduction="sum")
+
+    def content_nll(self, batch: LMBatch) -> torch.Tensor:
+        """Summed next-word negative log-likelihood over the main text (the frozen LM head)."""
+        hidden = self.hidden_states(batch.input_ids, batch.attention_mask, CONTENT)
+        at = batch.labels != -100
+        logits = self.backbone.get_output_embeddings()(hidden[at]).float()
+        return F.cross_entropy(logits, batch.labels[at], reduction="sum")
+
+    def recommend_nll(self, batch: RecommendBatch) -> torch.Tensor:
+        """Multinomial negative log-likelihood of the target items, summed over the batch."""
+        logits = self.prompt_item_logits(batch.input_ids, batch.attention_mask)
+        return -(F.log_softmax(logits, dim=-1) * batch.targets).sum()
+
+    def prompt_item_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.hidden_states(input_ids, attention_mask, COLLAB)
+        last = attention_mask.sum(dim=1) - 1
+        return self.item_logits(hidden[torch.arange(len(last), device=last.device), last])
+
+
+@torch.no_grad()
+def score_prompts(model: CLLM4Rec, prompts: Sequence[list[int]]) -> torch.Tensor:
+    """Scores of every item for each prompt, one forward pass for the whole batch: [B, J] float32."""
+    ids, mask = pad(prompts)
+    device = model.collab_items.weight.device
+    return model.prompt_item_logits(ids.to(device), mask.to(device)).float()
