@@ -21,7 +21,10 @@ CORPUS = [
 
 
 def make_tiny_backbone(directory: Path, family: str = "llama", n_layers: int = 2, hidden: int = 32) -> Path:
-    """Write a random tiny causal LM with a small trained BPE tokenizer into directory."""
+    """Write a random tiny causal LM with a small trained BPE tokenizer into directory.
+
+    initializer_range is 10x the usual: a tiny random LM with standard init outputs near-uniform
+    word distributions, which the content LM could not move."""
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
     from transformers import GPT2Config, LlamaConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
     import torch
@@ -36,11 +39,12 @@ def make_tiny_backbone(directory: Path, family: str = "llama", n_layers: int = 2
     vocab = tok.get_vocab_size()
     if family == "gpt2":
         config = GPT2Config(vocab_size=vocab, n_positions=256, n_embd=hidden, n_layer=n_layers, n_head=4,
-                            bos_token_id=1, eos_token_id=1)
+                            bos_token_id=1, eos_token_id=1, initializer_range=0.2)
     else:
         config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
                              num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2,
-                             max_position_embeddings=256, tie_word_embeddings=True, bos_token_id=1, eos_token_id=1)
+                             max_position_embeddings=256, tie_word_embeddings=True, bos_token_id=1, eos_token_id=1,
+                             initializer_range=0.2)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
     directory.mkdir(parents=True, exist_ok=True)
