@@ -71,8 +71,10 @@ def evaluate_scorer(score_users: Callable[[list[int]], torch.Tensor], split: Spl
     for start in range(0, len(users), batch_size):
         batch = list(users[start : start + batch_size])
         scores = score_users(batch).float().cpu()
+        known = torch.zeros(scores.shape, dtype=torch.bool)
         for row, u in enumerate(batch):
-            scores[row, torch.as_tensor(known_items(split, part, u), dtype=torch.long)] = -torch.inf
+            known[row, torch.as_tensor(known_items(split, part, u), dtype=torch.long)] = True
+        scores = scores.masked_fill(known, -torch.inf)  # a new tensor: scorers may return shared views
         tops.append(torch.topk(scores, min(max_k, scores.shape[1])).indices.numpy())
     return ranking_metrics(np.concatenate(tops), [split.part(part)[u] for u in users])
 
