@@ -1,0 +1,56 @@
+#!/bin/sh
+# Train a checkpoint onto the checkpoints volume so that /checkpoints/NAME is either complete or
+# absent, never half-trained. Used by the compose `checkpoint-init` and `train` services and by
+# the Kubernetes Jobs (installed in the images as /usr/local/bin/train-checkpoint).
+#
+#   train-checkpoint NAME DATA_DIR [cllm4rec train options...]
+#   train-checkpoint NAME --demo   [cllm4rec train options...]   (a generated demo dataset)
+#
+# - /checkpoints/NAME exists: nothing to do, so an init container or a Job can run on every start.
+# - Otherwise it trains into /checkpoints/.NAME.partial, continuing with --resume where an earlier
+#   attempt was interrupted (container stopped, pod evicted), and renames that to /checkpoints/NAME
+#   once training has finished. The trainer rewrites its best checkpoint during the run, so serving
+#   only ever points at NAME, which appears in one rename.
+set -eu
+
+root="${CLLM4REC_CHECKPOINTS_ROOT:-/checkpoints}"
+
+if [ "$#" -lt 2 ]; then
+    echo "usage: train-checkpoint NAME DATA_DIR|--demo [cllm4rec train options...]" >&2
+    exit 2
+fi
+name="$1"
+data="$2"
+shift 2
+case "$name" in
+    "" | .* | */*) echo "train-checkpoint: NAME must be a plain directory name, not '$name'" >&2; exit 2 ;;
+esac
+
+final="$root/$name"
+partial="$root/.$name.partial"
+
+if [ -e "$final" ]; then
+    echo "train-checkpoint: $final exists; nothing to do"
+    exit 0
+fi
+
+if [ "$data" = "--demo" ]; then
+    # The quickstart's generated dataset: users with planted tastes over a small catalogue.
+    data="${TMPDIR:-/tmp}/cllm4rec-demo-data"
+    python -c "import sys; from model.synthetic import write_synthetic_dataset; write_synthetic_dataset(sys.argv[1])" "$data"
+fi
+
+resume=""
+if [ -f "$partial/train_state/state.json" ]; then
+    echo "train-checkpoint: continuing the interrupted run in $partial"
+    resume="--resume"
+else
+    # Interrupted before its first epoch finished: nothing worth keeping.
+    rm -rf "$partial"
+fi
+
+# $resume is deliberately unquoted: empty means no argument.
+# shellcheck disable=SC2086
+cllm4rec train --data "$data" --out "$partial" $resume "$@"
+mv "$partial" "$final"
+echo "train-checkpoint: $final is ready"
