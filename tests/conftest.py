@@ -54,6 +54,12 @@ def make_tiny_backbone(directory: Path, family: str = "llama", n_layers: int = 2
 
 
 @pytest.fixture(scope="session")
+def make_backbone(tmp_path_factory):
+    """make_backbone(family, n_layers=..., hidden=...) -> a directory with a new tiny backbone."""
+    return lambda family="llama", **kw: make_tiny_backbone(tmp_path_factory.mktemp(f"tiny-{family}"), family, **kw)
+
+
+@pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     return make_tiny_backbone(tmp_path_factory.mktemp("tiny-llama"), "llama")
 

@@ -1,0 +1,109 @@
+"""The trainer end to end on data with a planted structure: it learns, keeps the best epoch, resumes."""
+
+import json
+
+import pytest
+import torch
+
+from model import train as train_module
+from model.checkpoint import METRICS_FILE, load_recommender, read_checkpoint
+from model.evaluate import evaluate_cllm4rec, evaluate_scorer, evaluation_users, most_popular_scorer
+from model.synthetic import write_synthetic_dataset
+from model.train import ConfigError, TrainConfig, train
+from service.cli import main as cli
+
+
+@pytest.fixture(scope="module")
+def planted_data(tmp_path_factory):
+    return write_synthetic_dataset(tmp_path_factory.mktemp("planted"), n_users=200, n_items=120, n_categories=8,
+                                   min_items=6, max_items=12, seed=2, reviews=False)
+
+
+def quick_config(data, out, backbone, **overrides):
+    config = dict(data=str(data), out=str(out), backbone=str(backbone), content_epochs=0, pretrain_epochs=1,
+                  finetune_epochs=3, batch_size=16, max_text_tokens=16, val_users=0, pretrain_lr=1e-2,
+                  finetune_lr=1e-2, finetune_content=False, finetune_targets="all")
+    config.update(overrides)
+    return TrainConfig(**config)
+
+
+def test_finetuned_model_beats_most_popular_on_planted_tastes(planted_data, tiny_llama, tmp_path):
+    out = tmp_path / "ckpt"
+    train(quick_config(planted_data, out, tiny_llama, finetune_epochs=12))
+    recommender = load_recommender(out, "cpu")
+    split = recommender.checkpoint.split
+    users = evaluation_users(split, "test")
+    ours = evaluate_cllm4rec(recommender.model, recommender.space, split, "test", users, recommender.max_history, 64)
+    popular = evaluate_scorer(most_popular_scorer(split, 120), split, "test", users, 64)
+    assert ours["recall@20"] > popular["recall@20"] + 0.1, (ours, popular)
+
+
+def test_metrics_file_has_every_epoch_and_the_checkpoint_is_the_best(planted_data, tiny_llama, tmp_path):
+    out = tmp_path / "ckpt"
+    best = train(quick_config(planted_data, out, tiny_llama))
+    records = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4]
+    assert [r["stage"] for r in records] == ["pretrain", "finetune", "finetune", "finetune"]
+    best_record = max(records, key=lambda r: r["score"])
+    assert best["epoch"] == best_record["epoch"]
+    assert read_checkpoint(out).meta["metrics"]["val"] == best_record["val"]
+    assert all(r["passes"][name]["tokens_per_s"] > 0 for r in records for name in r["passes"])
+
+
+def test_interrupted_run_resumes_to_the_same_result(planted_data, tiny_llama, tmp_path, monkeypatch):
+    reference = tmp_path / "reference"
+    train(quick_config(planted_data, reference, tiny_llama))
+
+    interrupted = tmp_path / "interrupted"
+    original = train_module.Trainer.run_epoch
+
+    def stop_in_third_epoch(self, stage):
+        if self.epoch == 2:
+            raise KeyboardInterrupt
+        return original(self, stage)
+
+    monkeypatch.setattr(train_module.Trainer, "run_epoch", stop_in_third_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train(quick_config(planted_data, interrupted, tiny_llama))
+    read_checkpoint(interrupted)  # the last good checkpoint is whole
+    monkeypatch.setattr(train_module.Trainer, "run_epoch", original)
+
+    with pytest.raises(ConfigError, match="already holds a checkpoint"):
+        train(quick_config(planted_data, interrupted, tiny_llama))
+    train(quick_config(planted_data, interrupted, tiny_llama, resume=True))
+    a, b = read_checkpoint(reference), read_checkpoint(interrupted)
+    for name in a.embeddings:
+        assert torch.allclose(a.embeddings[name], b.embeddings[name], atol=1e-6), name
+    assert len((interrupted / METRICS_FILE).read_text().splitlines()) == 4
+
+
+def test_resume_refuses_a_different_run(planted_data, tiny_llama, tiny_gpt2, tmp_path):
+    out = tmp_path / "ckpt"
+    train(quick_config(planted_data, out, tiny_llama, finetune_epochs=0))
+    with pytest.raises(ConfigError, match="backbone"):
+        train(quick_config(planted_data, out, tiny_gpt2, resume=True))
+
+
+def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
+    assert cli(["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    assert "no such dataset directory" in capsys.readouterr().err
+    assert cli(["evaluate", "--checkpoint", str(tmp_path), "--data", str(tmp_path)]) == 2
+    assert "not a checkpoint" in capsys.readouterr().err
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "interactions.csv").write_text("user_id,item_id\nu1,a\n")
+    assert cli(["train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o"), "--mask-ratio", "2"]) == 2
+    assert "--mask-ratio must be in (0, 1)" in capsys.readouterr().err
+
+
+def test_evaluate_json_compares_with_the_baselines(tiny_checkpoint, synthetic_data, capsys):
+    assert cli(["evaluate", "--checkpoint", str(tiny_checkpoint), "--data", str(synthetic_data), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for model in ("cllm4rec", "most_popular", "ease"):
+        assert set(result[model]) == {"recall@20", "recall@40", "ndcg@100"}
+        assert all(0 <= v <= 1 for v in result[model].values())
+    assert result["users"] == 120
+
+
+def test_evaluate_refuses_other_data(tiny_checkpoint, planted_data, capsys):
+    assert cli(["evaluate", "--checkpoint", str(tiny_checkpoint), "--data", str(planted_data)]) == 2
+    assert "is not the data" in capsys.readouterr().err
