@@ -106,10 +106,13 @@ class CLLM4Rec(nn.Module):
         self.n_users = n_users
         self.n_items = n_items
         hidden = word_embeddings.embedding_dim
-        self.collab_users = nn.Embedding(n_users, hidden)
+        # Sparse gradients where a table is only looked up: a step then updates the rows in the
+        # batch, not the whole catalogue. collab_items is also the item head, where every item
+        # gets a gradient, so it stays dense.
+        self.collab_users = nn.Embedding(n_users, hidden, sparse=True)
         self.collab_items = nn.Embedding(n_items, hidden)
-        self.content_users = nn.Embedding(n_users, hidden)
-        self.content_items = nn.Embedding(n_items, hidden)
+        self.content_users = nn.Embedding(n_users, hidden, sparse=True)
+        self.content_items = nn.Embedding(n_items, hidden, sparse=True)
         for table in self.tables(COLLAB) + self.tables(CONTENT):
             nn.init.normal_(table.weight, std=init_std)
 

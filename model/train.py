@@ -147,10 +147,7 @@ class Trainer:
         self.space = space
         self.device = device
         self.out = out
-        self.optimizers = {
-            COLLAB: torch.optim.Adam([model.collab_users.weight, model.collab_items.weight], lr=config.pretrain_lr),
-            CONTENT: torch.optim.Adam([model.content_users.weight, model.content_items.weight], lr=config.pretrain_lr),
-        }
+        self.optimizers = {view: make_optimizers(model.tables(view), config.pretrain_lr) for view in (COLLAB, CONTENT)}
         self.content_documents = build_content_documents(space, split.train_reviews(dataset), dataset.item_texts,
                                                          config.max_text_tokens)
         rng = np.random.default_rng([config.seed, 1])
@@ -172,9 +169,10 @@ class Trainer:
 
     # --- one pass over a list of batches -------------------------------------------------------
     def run_pass(self, name: str, view: str, batches: Sequence, loss_fn: Callable, lr: float) -> dict:
-        optimizer = self.optimizers[view]
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        optimizers = self.optimizers[view]
+        for optimizer in optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
         self.model.train()
         total_nll = total_reg = total_targets = total_tokens = 0.0
         start = time.perf_counter()
@@ -185,9 +183,11 @@ class Trainer:
                 nll = loss_fn(batch)
                 reg = self.model.mutual_regularization(view, batch.users.to(self.device), batch.items.to(self.device))
                 loss = (nll + self.config.lambda_v * reg) / len(batch.input_ids)
-            optimizer.zero_grad(set_to_none=True)
+            for optimizer in optimizers:
+                optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
+            for optimizer in optimizers:
+                optimizer.step()
             total_nll += float(nll.detach())
             total_reg += float(reg.detach())
             total_targets += batch.n_targets
@@ -267,8 +267,9 @@ class Trainer:
         state_dir = self.out / STATE_DIR
         state_dir.mkdir(parents=True, exist_ok=True)
         ckpt.save_tensors(state_dir / ckpt.EMBEDDINGS_FILE, ckpt.model_tables(self.model))
-        for view, optimizer in self.optimizers.items():
-            ckpt.save_tensors(state_dir / f"optimizer_{view}.safetensors", optimizer_tensors(optimizer))
+        for view, optimizers in self.optimizers.items():
+            for n, optimizer in enumerate(optimizers):
+                ckpt.save_tensors(state_dir / f"optimizer_{view}_{n}.safetensors", optimizer_tensors(optimizer))
         ckpt.write_json(state_dir / "state.json", {
             "epoch": self.epoch, "best_score": self.best_score, "best_metrics": self.best_metrics,
             "bad_epochs": self.bad_epochs, "data_fingerprint": self.dataset.fingerprint(),
@@ -292,8 +293,9 @@ class Trainer:
         with torch.no_grad():
             for name in ckpt.TABLES:
                 getattr(self.model, name).weight.copy_(tables[name])
-        for view, optimizer in self.optimizers.items():
-            load_optimizer_tensors(optimizer, load_file(state_dir / f"optimizer_{view}.safetensors"))
+        for view, optimizers in self.optimizers.items():
+            for n, optimizer in enumerate(optimizers):
+                load_optimizer_tensors(optimizer, load_file(state_dir / f"optimizer_{view}_{n}.safetensors"))
         self.epoch, self.best_score = state["epoch"], state["best_score"]
         self.best_metrics, self.bad_epochs = state["best_metrics"], state["bad_epochs"]
 
@@ -325,6 +327,21 @@ class Trainer:
             shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
             print(f"epoch {self.epoch}/{len(schedule)} {stage}: {losses} | val {shown}{' *best*' if improved else ''}")
         return self.best_metrics
+
+
+def make_optimizers(tables, lr: float) -> list[torch.optim.Optimizer]:
+    """Adam for the tables of one view: lazy (SparseAdam) for sparse tables, fused Adam for dense ones.
+
+    Lazy Adam updates only the rows in the batch, so a step costs the same for 1k or 1M users,
+    instead of dominating the step time of small batches on a CPU."""
+    sparse = [t.weight for t in tables if t.sparse]
+    dense = [t.weight for t in tables if not t.sparse]
+    optimizers: list[torch.optim.Optimizer] = []
+    if sparse:
+        optimizers.append(torch.optim.SparseAdam(sparse, lr=lr))
+    if dense:
+        optimizers.append(torch.optim.Adam(dense, lr=lr, fused=True))
+    return optimizers
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:

@@ -5,6 +5,7 @@ import torch
 
 from model.backbone import load_backbone
 from model.cllm4rec import COLLAB, CONTENT, CLLM4Rec, collate_documents, collate_recommend
+from model.train import make_optimizers
 from model.prompts import (PromptTemplates, TokenSpace, build_collaborative_document, build_content_documents,
                            build_recommend_prompt)
 
@@ -24,13 +25,15 @@ def user_items(u):
 
 
 def losses_over_steps(model, tables, loss_of, steps=25, lr=1e-2):
-    optimizer = torch.optim.Adam([t.weight for t in tables], lr=lr)
+    optimizers = make_optimizers(tables, lr)
     losses = []
     for _ in range(steps):
         loss = loss_of()
-        optimizer.zero_grad()
+        for optimizer in optimizers:
+            optimizer.zero_grad()
         loss.backward()
-        optimizer.step()
+        for optimizer in optimizers:
+            optimizer.step()
         losses.append(loss.item())
     return losses
 
