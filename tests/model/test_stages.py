@@ -84,7 +84,7 @@ def test_mutual_regularization_pulls_the_two_views_together(tiny_llama):
     users, items = torch.arange(N_USERS), torch.arange(N_ITEMS)
 
     def distance():
-        return float((model.collab_items.weight - model.content_items.weight).norm())
+        return (model.collab_items.weight - model.content_items.weight).norm().item()
 
     before = distance()
     content_before = model.content_items.weight.clone()
