@@ -1,25 +1,209 @@
-"""The `cllm4rec` command: offline subcommands from model.cli, online ones from here."""
+"""The `cllm4rec` command: offline subcommands from model.cli, online ones from here.
+
+    cllm4rec serve [--checkpoint PATH] [--host H] [--port P]     the HTTP server (service.app)
+    cllm4rec load-histories --checkpoint PATH [--redis-url URL]  seed Redis with training histories
+    cllm4rec quickstart [--dir D] [--host H] [--port P]          generate data, train a small model, serve it
+
+Options left out come from the CLLM4REC_* environment (service.settings). The service package sets
+OMP_WAIT_POLICY before anything here imports torch (service/__init__.py).
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import logging
+import shutil
 import sys
+import time
+from pathlib import Path
+
+import uvicorn
+from pydantic import ValidationError
 
 from model import cli as model_cli
 from model.backbone import BackboneError
-from model.checkpoint import CheckpointError
+from model.checkpoint import META_FILE, CheckpointError, read_checkpoint
 from model.data import DataError
-from model.train import ConfigError
+from model.synthetic import write_synthetic_dataset
+from model.train import STATE_DIR, ConfigError, TrainConfig, train
+from service.app import begin_shutdown, create_app
+from service.histories import HistoryStoreUnavailable, RedisHistoryStore, checkpoint_histories
+from service.settings import Settings
 
-USER_ERRORS = (DataError, CheckpointError, BackboneError, ConfigError)
+USER_ERRORS = (DataError, CheckpointError, BackboneError, ConfigError, HistoryStoreUnavailable, ValidationError)
 
+# The quickstart's model: the real SmolLM2 backbone cut to 4 layers, a few epochs on the generated
+# data without reviews (the content LM over 49k-word logits is the slow part on a CPU); about two
+# minutes on 2 cores. docs/serving.md has its cost and quality.
+QUICKSTART_TRAINING = dict(backbone_layers=4, content_epochs=0, pretrain_epochs=3, finetune_epochs=6,
+                           batch_size=32, pretrain_lr=1e-2, finetune_lr=1e-2, finetune_content=False, val_users=0)
+
+
+def settings_from(**options) -> Settings:
+    """Settings from the environment, with the options given on the command line on top."""
+    return Settings(**{name: value for name, value in options.items() if value is not None})
+
+
+# --- serve -----------------------------------------------------------------------------------------
+
+class Server(uvicorn.Server):
+    """uvicorn's server, with /readyz failing from the moment SIGTERM (or Ctrl-C) arrives, before
+    the drain of in-flight requests begins; and a banner once the app is ready."""
+
+    def __init__(self, config: uvicorn.Config, banner: str | None = None):
+        super().__init__(config)
+        self.banner = banner
+
+    def handle_exit(self, sig, frame) -> None:
+        begin_shutdown(self.config.app)
+        super().handle_exit(sig, frame)
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        if self.started and self.banner:
+            print(self.banner, flush=True)
+
+
+def serve(settings: Settings, banner: str | None = None) -> int:
+    if settings.checkpoint is None:
+        raise ConfigError("no checkpoint to serve: pass --checkpoint or set CLLM4REC_CHECKPOINT")
+    read_checkpoint(settings.checkpoint)  # a bad checkpoint is one clear line here, not a start-up traceback
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            access_log=settings.log_level == "debug",  # per-request lines cost CPU; metrics count
+                            timeout_graceful_shutdown=settings.shutdown_timeout_s)
+    server = Server(config, banner)
+    server.run()
+    return 0 if server.started else 1
+
+
+def add_serve_parser(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="serve recommendations over HTTP (settings: CLLM4REC_* variables, "
+                              "docs/serving.md)")
+    p.add_argument("--checkpoint", help="checkpoint directory (default: $CLLM4REC_CHECKPOINT)")
+    p.add_argument("--host", help="interface to listen on (default: $CLLM4REC_HOST or 127.0.0.1)")
+    p.add_argument("--port", type=int, help="TCP port (default: $CLLM4REC_PORT or 8000)")
+    p.set_defaults(func=lambda args: serve(settings_from(checkpoint=args.checkpoint, host=args.host, port=args.port)))
+
+
+# --- load-histories ----------------------------------------------------------------------------------
+
+def run_load_histories(args) -> int:
+    settings = settings_from(checkpoint=args.checkpoint, redis_url=args.redis_url)
+    if settings.checkpoint is None:
+        raise ConfigError("pass --checkpoint or set CLLM4REC_CHECKPOINT")
+    if not settings.redis_url:
+        raise ConfigError("no Redis to load into: pass --redis-url or set CLLM4REC_REDIS_URL (without Redis the "
+                          "server keeps histories in its own process and seeds them itself)")
+    checkpoint = read_checkpoint(settings.checkpoint)
+
+    async def load() -> int:
+        store = RedisHistoryStore(settings.redis_url, settings.redis_key_prefix, settings.history_max_length,
+                                  settings.redis_timeout_s)
+        try:
+            return await store.seed(checkpoint_histories(checkpoint), checkpoint.model_version)
+        finally:
+            await store.close()
+
+    started = time.perf_counter()
+    written = asyncio.run(load())
+    print(f"{written} of {len(checkpoint.user_ids)} users' training histories written in "
+          f"{time.perf_counter() - started:.1f} s (users who already had a history kept it); "
+          f"store marked as seeded by model {checkpoint.model_version}")
+    return 0
+
+
+def add_load_histories_parser(subparsers) -> None:
+    p = subparsers.add_parser("load-histories", help="copy a checkpoint's training histories into Redis "
+                              "(idempotent: existing histories are kept)")
+    p.add_argument("--checkpoint", help="checkpoint directory (default: $CLLM4REC_CHECKPOINT)")
+    p.add_argument("--redis-url", help="redis://host:port/db (default: $CLLM4REC_REDIS_URL)")
+    p.set_defaults(func=run_load_histories)
+
+
+# --- quickstart ------------------------------------------------------------------------------------
+
+def build_quickstart_checkpoint(directory: Path) -> Path:
+    """Generated data and a small trained checkpoint under directory; both reused when present."""
+    data, checkpoint = directory / "data", directory / "checkpoint"
+    if not (data / "interactions.csv").exists():
+        write_synthetic_dataset(data, reviews=False)
+        print(f"quickstart: generated 400 users with tastes for 160 titled items in {data}")
+    trained = checkpoint / ".quickstart-complete"
+    if trained.exists():
+        print(f"quickstart: reusing the trained checkpoint in {checkpoint} (delete it to train again)")
+        return checkpoint
+    resume = (checkpoint / STATE_DIR / "state.json").exists()  # an interrupted quickstart continues
+    if checkpoint.exists() and not resume:
+        shutil.rmtree(checkpoint)  # interrupted before its first epoch ended: nothing worth keeping
+    print("quickstart: training on the CPU with the real SmolLM2-135M backbone cut to "
+          f"{QUICKSTART_TRAINING['backbone_layers']} layers (about two minutes on 2 cores)")
+    started = time.perf_counter()
+    train(TrainConfig(data=str(data), out=str(checkpoint), resume=resume, **QUICKSTART_TRAINING))
+    trained.touch()
+    print(f"quickstart: trained in {time.perf_counter() - started:.0f} s; checkpoint in {checkpoint}")
+    return checkpoint
+
+
+def quickstart_banner(checkpoint: Path, url: str) -> str:
+    """Where to send requests, with real ids of the generated data."""
+    ckpt = read_checkpoint(checkpoint)
+    user = ckpt.user_ids[0]
+    history = ckpt.split.train[0].tolist()
+    liked = ", ".join(ckpt.item_titles[i] for i in history[:4])
+    new_items = [ckpt.item_ids[i] for i in history[:2]]
+
+    def post(path: str, body: dict) -> str:
+        return f"curl -s -X POST {url}{path} -H 'content-type: application/json' -d '{json.dumps(body)}'"
+
+    return "\n".join([
+        "",
+        f"cllm4rec is serving {checkpoint} at {url} (API docs: {url}/docs). Try:",
+        f"  # user {user} bought: {liked}, ...",
+        "  " + post("/recommend", {"user_id": user, "k": 5}),
+        f"  curl -s '{url}/recommend/{user}?k=5'",
+        "  # a new event, reflected by the next recommendation:",
+        "  " + post("/interactions", {"user_id": user, "item_ids": [ckpt.item_ids[-1]]}),
+        "  # a visitor the model has never seen, with a history of its own:",
+        "  " + post("/recommend", {"user_id": "visitor-1", "k": 5, "history": new_items}),
+        f"  curl -s {url}/metrics | grep ^cllm4rec_",
+        "Ctrl-C stops the server.",
+        "",
+    ])
+
+
+def run_quickstart(args) -> int:
+    directory = Path(args.dir)
+    checkpoint = build_quickstart_checkpoint(directory)
+    # The embedded history store, whatever the environment says: the quickstart needs nothing else.
+    settings = settings_from(checkpoint=checkpoint, host=args.host, port=args.port).model_copy(
+        update={"redis_url": None})
+    host = "localhost" if settings.host in ("127.0.0.1", "0.0.0.0", "::") else settings.host
+    return serve(settings, quickstart_banner(checkpoint, f"http://{host}:{settings.port}"))
+
+
+def add_quickstart_parser(subparsers) -> None:
+    p = subparsers.add_parser("quickstart", help="generate data, train a small checkpoint with the real backbone "
+                              "(minutes on a CPU; reused next time) and serve it",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dir", default="runs/quickstart", help="where the data and the checkpoint go")
+    p.add_argument("--host", help="interface to listen on (default: $CLLM4REC_HOST or 127.0.0.1)")
+    p.add_argument("--port", type=int, help="TCP port (default: $CLLM4REC_PORT or 8000)")
+    p.set_defaults(func=run_quickstart)
+
+
+# --- the command -----------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cllm4rec", description="CLLM4Rec: LLM recommendations, trained offline "
                                      "and served online")
     subparsers = parser.add_subparsers(dest="command", required=True)
     model_cli.add_parsers(subparsers)
+    add_serve_parser(subparsers)
+    add_load_histories_parser(subparsers)
+    add_quickstart_parser(subparsers)
     return parser
 
 

@@ -1,0 +1,116 @@
+"""Dynamic micro-batching: concurrent requests share one padded forward pass.
+
+Requests wait in a bounded asyncio queue. One worker task takes the first waiting request, then
+whatever else is already waiting, then waits up to max_wait for more, until max_batch_size. The
+batch runs in a single worker thread, so the event loop keeps accepting and answering requests
+while the model computes (PyTorch releases the GIL inside its kernels). Requests that arrive during
+a forward pass queue up, so under load batches fill without any waiting; at low load a request
+waits at most max_wait.
+
+A full queue refuses new requests at once (Overloaded, 503) instead of letting latency grow without
+bound. A request whose caller gave up (timeout, disconnect) is dropped before its forward pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from service import metrics
+
+log = logging.getLogger(__name__)
+
+Job = TypeVar("Job")
+Result = TypeVar("Result")
+
+
+class Overloaded(RuntimeError):
+    """The queue is full (or the batcher is stopping): the client should retry later."""
+
+
+@dataclass
+class Pending:
+    job: Any
+    future: asyncio.Future
+    enqueued_at: float
+
+
+class Batcher(Generic[Job, Result]):
+    def __init__(self, run_batch: Callable[[Sequence[Job]], Sequence[Result]], max_batch_size: int,
+                 max_wait_s: float, queue_size: int, thread_initializer: Callable[[], None] | None = None):
+        self.run_batch = run_batch  # jobs -> one result per job, in order; called in the worker thread
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self.queue: asyncio.Queue[Pending] = asyncio.Queue(queue_size)
+        # One thread: forward passes run one after another, each using all of torch's threads.
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="cllm4rec-forward", initializer=thread_initializer)
+        self.worker: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self.worker = asyncio.get_running_loop().create_task(self.work(), name="cllm4rec-batcher")
+
+    async def stop(self) -> None:
+        if self.worker is not None:
+            self.worker.cancel()
+            await asyncio.gather(self.worker, return_exceptions=True)
+        while not self.queue.empty():
+            pending = self.queue.get_nowait()
+            if not pending.future.done():
+                pending.future.set_exception(Overloaded("the server is shutting down"))
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    async def submit(self, job: Job) -> Result:
+        """The job's result, computed in a batch with whatever else is waiting."""
+        if self.worker is None or self.worker.done():
+            raise Overloaded("the model is not serving (starting up or shutting down)")
+        future = asyncio.get_running_loop().create_future()
+        try:
+            self.queue.put_nowait(Pending(job, future, time.perf_counter()))
+        except asyncio.QueueFull:
+            raise Overloaded(f"{self.queue.maxsize} requests are already waiting for the model") from None
+        return await future  # a caller that is cancelled cancels the future: the worker skips it
+
+    async def next_batch(self) -> list[Pending]:
+        batch = [await self.queue.get()]
+        deadline = time.perf_counter() + self.max_wait_s
+        while len(batch) < self.max_batch_size:
+            if not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+                continue
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self.queue.get(), remaining))
+            except asyncio.TimeoutError:
+                break
+        return [p for p in batch if not p.future.done()]
+
+    async def work(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self.next_batch()
+            if not batch:
+                continue
+            started = time.perf_counter()
+            for pending in batch:
+                metrics.batch_queue_wait.observe(started - pending.enqueued_at)
+            metrics.batch_size.observe(len(batch))
+            try:
+                results = await loop.run_in_executor(self.executor, self.run_batch, [p.job for p in batch])
+            except Exception as e:  # a failed batch fails its own requests, not the server
+                log.exception("forward pass of a batch of %d failed", len(batch))
+                for pending in batch:
+                    if not pending.future.done():
+                        pending.future.set_exception(e)
+                continue
+            finally:
+                metrics.model_forward_duration.observe(time.perf_counter() - started)
+            for pending, result in zip(batch, results):
+                if not pending.future.done():
+                    pending.future.set_result(result)

@@ -1,0 +1,210 @@
+"""The HTTP API over real HTTP, with the in-process history store: answers equal the offline
+scorer's, seen items are excluded, online events count, cold start and fallback, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from service.schemas import MAX_K
+from serving_helpers import metric_value, offline_ranking, running_server, server_settings
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint):
+    with running_server(server_settings(tiny_checkpoint)) as running:
+        yield running
+
+
+@pytest.fixture
+def client(server):
+    with server.client() as client:
+        yield client
+
+
+def ids_and_scores(response) -> tuple[list[str], list[float]]:
+    items = response.json()["items"]
+    return [it["item_id"] for it in items], [it["score"] for it in items]
+
+
+def test_health_ready_and_metrics(client, offline):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["ready"] is True
+    client.post("/recommend", json={"user_id": offline.checkpoint.user_ids[0]})
+    text = client.get("/metrics").text
+    for name in ("cllm4rec_http_request_duration_seconds", "cllm4rec_model_forward_duration_seconds",
+                 "cllm4rec_batch_queue_wait_seconds", "cllm4rec_batch_size", "cllm4rec_requests_in_flight",
+                 "cllm4rec_redis_operation_duration_seconds", "cllm4rec_errors_total", "cllm4rec_cold_start_total",
+                 "cllm4rec_fallback_total", "cllm4rec_model_info"):
+        assert f"# TYPE {name}" in text or f"# HELP {name}" in text, name
+    assert metric_value(text, "cllm4rec_http_request_duration_seconds_count", endpoint="/recommend",
+                        method="POST", status="200") >= 1
+    assert metric_value(text, "cllm4rec_model_info", model_version=offline.checkpoint.model_version,
+                        n_items=str(len(offline.checkpoint.item_ids))) == 1
+    assert "u0" not in text  # no user ids in labels
+
+
+@pytest.mark.parametrize("user", [0, 7, 42, 119])
+def test_known_user_equals_offline_scorer_exactly(client, offline, user):
+    """Alone in its batch, a request gets the very scores of score_prompts on the same prompt (bit for
+    bit), its training items (the seeded history) excluded."""
+    user_id = offline.checkpoint.user_ids[user]
+    history = offline.checkpoint.split.train[user].tolist()
+    response = client.post("/recommend", json={"user_id": user_id, "k": 10})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["cold_start"] is False and body["fallback"] is None and body["unknown_item_ids"] == []
+    assert body["model_version"] == offline.checkpoint.model_version
+    ids, scores = ids_and_scores(response)
+    assert (ids, scores) == offline_ranking(offline, user, history, 10, history)
+    seen = {offline.checkpoint.item_ids[i] for i in history}
+    assert not seen & set(ids)
+    titles = {it["item_id"]: it["title"] for it in body["items"]}
+    assert all(titles[i] == offline.checkpoint.item_titles[offline.item_index[i]] for i in ids)
+
+
+def test_get_and_batch_agree_with_post(client, offline):
+    users = offline.checkpoint.user_ids[:5]
+    posted = [ids_and_scores(client.post("/recommend", json={"user_id": u, "k": 7})) for u in users]
+    got = [ids_and_scores(client.get(f"/recommend/{u}", params={"k": 7})) for u in users]
+    assert got == posted
+    batch = client.post("/recommend/batch", json={"requests": [{"user_id": u, "k": 7} for u in users]})
+    assert batch.status_code == 200, batch.text
+    results = batch.json()["results"]
+    assert [r["user_id"] for r in results] == users
+    for result, (ids, scores) in zip(results, posted):
+        # Padded together in one forward pass: same ranking, scores within float32 rounding.
+        assert [it["item_id"] for it in result["items"]] == ids
+        np.testing.assert_allclose([it["score"] for it in result["items"]], scores, rtol=1e-5, atol=1e-5)
+
+
+def test_exclude_seen_false_can_return_history_items(client, offline):
+    user = 3
+    history = offline.checkpoint.split.train[user].tolist()
+    n_items = len(offline.checkpoint.item_ids)
+    response = client.post("/recommend", json={"user_id": offline.checkpoint.user_ids[user], "k": n_items,
+                                               "exclude_seen": False})
+    assert ids_and_scores(response) == offline_ranking(offline, user, history, n_items, [])
+    # and k larger than what is left after excluding the history returns what there is
+    response = client.post("/recommend", json={"user_id": offline.checkpoint.user_ids[user], "k": MAX_K})
+    assert len(response.json()["items"]) == n_items - len(history)
+
+
+def test_posted_interaction_changes_next_result(client, offline):
+    user = 11
+    user_id = offline.checkpoint.user_ids[user]
+    history = offline.checkpoint.split.train[user].tolist()
+    before = client.post("/recommend", json={"user_id": user_id, "k": 5}).json()
+    new_item = before["items"][0]["item_id"]
+    added = client.post("/interactions", json={"user_id": user_id, "item_ids": [new_item, "no-such-item"]})
+    assert added.status_code == 200, added.text
+    assert added.json() == {"user_id": user_id, "history_length": len(history) + 2,
+                            "unknown_item_ids": ["no-such-item"]}
+    after = client.post("/recommend", json={"user_id": user_id, "k": 5})
+    ids, scores = ids_and_scores(after)
+    assert new_item not in ids  # now seen
+    assert after.json()["unknown_item_ids"] == ["no-such-item"]
+    grown = history + [offline.item_index[new_item]]
+    assert (ids, scores) == offline_ranking(offline, user, grown, 5, grown)
+
+
+def test_history_in_the_request_replaces_the_stored_one(client, offline):
+    user = 5
+    history = [offline.checkpoint.item_ids[i] for i in (1, 2, 3)]
+    response = client.post("/recommend", json={"user_id": offline.checkpoint.user_ids[user], "k": 5,
+                                               "history": history})
+    assert ids_and_scores(response) == offline_ranking(offline, user, [1, 2, 3], 5, [1, 2, 3])
+
+
+def test_unknown_user_with_history_gets_the_history_only_prompt(client, offline):
+    metrics_before = client.get("/metrics").text
+    history = ["i3", "unknown-a", "i9", "i3", "unknown-a", "unknown-b"]
+    response = client.post("/recommend", json={"user_id": "visitor-1", "k": 6, "history": history})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["cold_start"] is True and body["fallback"] is None
+    assert body["unknown_item_ids"] == ["unknown-a", "unknown-b"]
+    # repeats dropped, the latest occurrence kept: i9 then i3
+    prompt_items = [offline.item_index["i9"], offline.item_index["i3"]]
+    assert ids_and_scores(response) == offline_ranking(offline, None, prompt_items, 6, prompt_items)
+    metrics_after = client.get("/metrics").text
+    assert metric_value(metrics_after, "cllm4rec_cold_start_total") == \
+        metric_value(metrics_before, "cllm4rec_cold_start_total") + 1
+    assert metric_value(metrics_after, "cllm4rec_fallback_total") == \
+        metric_value(metrics_before, "cllm4rec_fallback_total")
+
+
+def test_unknown_user_interactions_then_history_only_prompt(client, offline):
+    first = client.post("/recommend", json={"user_id": "visitor-2", "k": 3}).json()
+    assert first["fallback"] == "most_popular"
+    client.post("/interactions", json={"user_id": "visitor-2", "item_ids": ["i4", "i5"]})
+    second = client.post("/recommend", json={"user_id": "visitor-2", "k": 3})
+    assert second.json()["cold_start"] is True and second.json()["fallback"] is None
+    items = [offline.item_index["i4"], offline.item_index["i5"]]
+    assert ids_and_scores(second) == offline_ranking(offline, None, items, 3, items)
+
+
+def test_unknown_user_without_history_falls_back_to_most_popular(client, offline):
+    metrics_before = client.get("/metrics").text
+    for body in ({"user_id": "visitor-3", "k": 5}, {"user_id": "visitor-4", "k": 5, "history": ["nope"]}):
+        response = client.post("/recommend", json=body)
+        assert response.status_code == 200, response.text
+        result = response.json()
+        assert result["cold_start"] is True and result["fallback"] == "most_popular"
+        popularity = torch.as_tensor(offline.popularity, dtype=torch.float32)
+        expected = torch.topk(popularity, 5)
+        assert [it["score"] for it in result["items"]] == expected.values.tolist()
+        assert [it["item_id"] for it in result["items"]] == \
+            [offline.checkpoint.item_ids[i] for i in expected.indices.tolist()]
+    assert result["unknown_item_ids"] == ["nope"]
+    metrics_after = client.get("/metrics").text
+    assert metric_value(metrics_after, "cllm4rec_fallback_total") == \
+        metric_value(metrics_before, "cllm4rec_fallback_total") + 2
+
+
+@pytest.mark.parametrize("method, path, body", [
+    ("post", "/recommend", {"k": 5}),
+    ("post", "/recommend", {"user_id": "", "k": 5}),
+    ("post", "/recommend", {"user_id": "u1", "k": 0}),
+    ("post", "/recommend", {"user_id": "u1", "k": MAX_K + 1}),
+    ("post", "/recommend", {"user_id": "u1", "k": "many"}),
+    ("post", "/recommend", {"user_id": "u1", "history": "i1"}),
+    ("post", "/recommend", {"user_id": "u1", "history": [""]}),
+    ("post", "/recommend", {"user_id": "u1", "kk": 5}),
+    ("post", "/recommend", {"user_id": "x" * 257}),
+    ("post", "/recommend", "not json"),
+    ("post", "/recommend/batch", {"requests": []}),
+    ("post", "/recommend/batch", {"requests": [{"user_id": "u1", "k": -1}]}),
+    ("post", "/interactions", {"user_id": "u1", "item_ids": []}),
+    ("post", "/interactions", {"user_id": "u1"}),
+    ("get", "/recommend/u1?k=0", None),
+    ("get", "/recommend/u1?k=abc", None),
+])
+def test_invalid_input_is_a_422_with_a_message(client, method, path, body):
+    errors_before = metric_value(client.get("/metrics").text, "cllm4rec_errors_total", kind="validation")
+    if method == "get":
+        response = client.get(path)
+    elif isinstance(body, str):
+        response = client.post(path, content=body, headers={"content-type": "application/json"})
+    else:
+        response = client.post(path, json=body)
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"]
+    assert detail and all(error["msg"] for error in detail)
+    assert metric_value(client.get("/metrics").text, "cllm4rec_errors_total", kind="validation") == errors_before + 1
+
+
+def test_openapi_schema_is_complete(client):
+    schema = client.get("/openapi.json").json()
+    paths = schema["paths"]
+    expected = {("/healthz", "get"), ("/readyz", "get"), ("/metrics", "get"), ("/recommend", "post"),
+                ("/recommend/{user_id}", "get"), ("/recommend/batch", "post"), ("/interactions", "post")}
+    assert {(p, m) for p, ops in paths.items() for m in ops} == expected
+    components = schema["components"]["schemas"]
+    for name in ("RecommendRequest", "RecommendResponse", "BatchRecommendRequest", "InteractionsRequest",
+                 "InteractionsResponse", "Readiness"):
+        assert components[name].get("examples"), name
+    assert "503" in paths["/recommend"]["post"]["responses"]
+    assert "422" in paths["/interactions"]["post"]["responses"]
