@@ -1,0 +1,246 @@
+"""Serving latency and throughput over HTTP with Redis, next to the bare model and to token-by-token decoding.
+
+    python bench/serve_latency.py --checkpoint runs/quickstart/checkpoint [--redis-url redis://127.0.0.1:6379/0]
+    python bench/serve_latency.py --checkpoint ... --quick        # a short check that everything runs
+
+1. Starts `cllm4rec serve` on the checkpoint (a separate process, Redis history store under a key
+   prefix of its own, seeded from the checkpoint and deleted at the end).
+2. For each concurrency (1, 8, 32): --requests POST /recommend calls for known users, that many
+   in flight at once; p50/p95/p99 latency, requests/s, and the server's mean batch size.
+3. In this process, with the same model and the same prompts (the users' stored histories): the
+   bare forward pass (score_prompts, then masking and top-k as the server does) at batch sizes 1, 8
+   and 32, so the HTTP + Redis + batching overhead shows as a ratio.
+4. An autoregressive baseline with the same model: the same K items generated one at a time
+   (greedy, KV cache, the item head at every step, seen and generated items masked), the way an LLM
+   recommender that decodes item tokens would; its latency as a ratio to the one-pass forward.
+The server and this client share the machine's CPUs: run it with nothing else busy (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the server does (service/__init__.py), before torch
+
+import argparse  # noqa: E402  (the imports below come after the environment is set)
+import asyncio
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import numpy as np
+import redis
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+from model.checkpoint import Recommender, load_recommender
+from model.cllm4rec import COLLAB, score_prompts
+from model.prompts import build_recommend_prompt
+from service.engine import top_k
+
+MS = 1000.0
+
+
+# --- the server ------------------------------------------------------------------------------------
+
+def start_server(args, port: int, prefix: str, log_path: Path) -> subprocess.Popen:
+    env = {**os.environ, "CLLM4REC_REDIS_URL": args.redis_url, "CLLM4REC_REDIS_KEY_PREFIX": prefix,
+           "CLLM4REC_TORCH_THREADS": str(args.threads), "CLLM4REC_MAX_BATCH_SIZE": str(args.max_batch_size),
+           "CLLM4REC_MAX_WAIT_MS": str(args.max_wait_ms), "CLLM4REC_QUEUE_SIZE": "1024"}
+    with log_path.open("w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--checkpoint", str(args.checkpoint),
+                                    "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while True:
+        if process.poll() is not None:
+            sys.exit(f"the server exited; its log:\n{log_path.read_text()}")
+        try:
+            if httpx.get(url + "/readyz", timeout=5).status_code == 200:
+                return process
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            process.kill()
+            sys.exit("the server did not become ready in 300 s")
+        time.sleep(0.5)
+
+
+def batch_stats(url: str) -> tuple[float, float]:
+    """(sum, count) of the server's batch size histogram."""
+    text = httpx.get(url + "/metrics").text
+    values = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
+              if s.name in ("cllm4rec_batch_size_sum", "cllm4rec_batch_size_count")}
+    return values["cllm4rec_batch_size_sum"], values["cllm4rec_batch_size_count"]
+
+
+async def load(url: str, bodies: list[dict], concurrency: int) -> tuple[list[float], float]:
+    """Latencies (s) of every request, and the wall time, with `concurrency` requests in flight."""
+    todo = iter(bodies)
+    latencies: list[float] = []
+
+    async def worker(client: httpx.AsyncClient):
+        for body in todo:
+            started = time.perf_counter()
+            response = await client.post("/recommend", json=body)
+            latencies.append(time.perf_counter() - started)
+            if response.status_code != 200:
+                raise RuntimeError(f"{response.status_code}: {response.text}")
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        return latencies, time.perf_counter() - started
+
+
+# --- the model alone -----------------------------------------------------------------------------
+
+def bare_forward(recommender: Recommender, prompts: list[list[int]], seen: list[list[int]], k: int,
+                 batch_size: int) -> tuple[list[float], float]:
+    """Per-batch latencies (s) and the total time of score_prompts + mask + top-k over all prompts."""
+    latencies = []
+    started = time.perf_counter()
+    for start in range(0, len(prompts), batch_size):
+        t = time.perf_counter()
+        scores = score_prompts(recommender.model, prompts[start : start + batch_size])
+        for row, items in enumerate(seen[start : start + batch_size]):
+            scores[row, items] = -torch.inf
+        top_k(scores, [k] * len(scores))
+        latencies.append(time.perf_counter() - t)
+    return latencies, time.perf_counter() - started
+
+
+@torch.no_grad()
+def generate_items(recommender: Recommender, prompt: list[int], seen: list[int], k: int) -> list[int]:
+    """K items decoded one at a time: prompt pass, then one cached step per item fed back."""
+    model, space = recommender.model, recommender.space
+    device = recommender.device
+    banned = torch.zeros(space.n_items, dtype=torch.bool, device=device)
+    banned[seen] = True
+    out = model.backbone.base_model(inputs_embeds=model.embed(torch.tensor([prompt], device=device), COLLAB),
+                                    use_cache=True)
+    items = []
+    for step in range(k):
+        logits = model.item_logits(out.last_hidden_state[:, -1])[0].masked_fill(banned, -torch.inf)
+        item = int(logits.argmax())
+        items.append(item)
+        banned[item] = True
+        if step == k - 1:
+            break
+        token = torch.tensor([[space.item_token(item)]], device=device)
+        out = model.backbone.base_model(inputs_embeds=model.embed(token, COLLAB), cache=out.cache,
+                                        use_cache=True)
+    return items
+
+
+# --- report ----------------------------------------------------------------------------------------
+
+def percentiles(latencies: list[float]) -> tuple[float, float, float]:
+    p50, p95, p99 = np.percentile(np.asarray(latencies) * MS, [50, 95, 99])
+    return float(p50), float(p95), float(p99)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--requests", type=int, default=256, help="requests per concurrency level")
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--ar-users", type=int, default=32, help="users for the autoregressive baseline")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (server and bare model)")
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--max-wait-ms", type=float, default=2.0)
+    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--quick", action="store_true", help="a few requests at concurrency 1 and 8: checks it runs")
+    args = parser.parse_args()
+    if args.quick:
+        args.concurrency, args.requests, args.ar_users = [1, 8], 16, 4
+    torch.set_num_threads(args.threads)
+
+    recommender = load_recommender(args.checkpoint, "cpu", torch.float32)
+    meta = recommender.checkpoint.meta
+    split = recommender.checkpoint.split
+    users = [u for u, items in enumerate(split.train) if len(items)]
+    rng = np.random.default_rng(0)
+    chosen = rng.choice(users, args.requests, replace=len(users) < args.requests).tolist()
+    histories = [split.train[u].tolist() for u in chosen]
+    prompts = [build_recommend_prompt(recommender.space, u, h, recommender.max_history) for u, h in zip(chosen, histories)]
+    bodies = [{"user_id": recommender.checkpoint.user_ids[u], "k": args.k} for u in chosen]
+    print(f"{platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start, "
+          f"torch {torch.__version__}, {args.threads} threads")
+    print(f"checkpoint {args.checkpoint}: {meta['backbone']['name']} with {meta['backbone']['layers']} layers, "
+          f"{meta['n_users']} users, {meta['n_items']} items; prompts {np.mean([len(p) for p in prompts]):.1f} tokens "
+          f"on average; k={args.k}; server max batch {args.max_batch_size}, max wait {args.max_wait_ms:g} ms")
+
+    prefix = f"bench-{uuid.uuid4().hex[:8]}:"
+    port = args.port
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        server = start_server(args, port, prefix, Path(tmp) / "server.log")
+        url = f"http://127.0.0.1:{port}"
+        try:
+            asyncio.run(load(url, bodies[: min(16, len(bodies))], 1))  # warm the connections and caches
+            for concurrency in args.concurrency:
+                before = batch_stats(url)
+                latencies, wall = asyncio.run(load(url, bodies, concurrency))
+                after = batch_stats(url)
+                mean_batch = (after[0] - before[0]) / max(after[1] - before[1], 1)
+                rows.append((concurrency, *percentiles(latencies), len(latencies) / wall, mean_batch))
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait(60)
+            store = redis.Redis.from_url(args.redis_url)
+            keys = list(store.scan_iter(match=prefix + "*", count=1000))
+            for start in range(0, len(keys), 1000):
+                store.delete(*keys[start : start + 1000])
+
+    print("\nover HTTP (POST /recommend, history from Redis, micro-batched):")
+    print(f"{'concurrency':>11} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'req/s':>8} {'mean batch':>11}")
+    for concurrency, p50, p95, p99, rps, mean_batch in rows:
+        print(f"{concurrency:>11} {p50:>8.1f} {p95:>8.1f} {p99:>8.1f} {rps:>8.1f} {mean_batch:>11.1f}")
+
+    print("\nbare forward in this process (the same prompts; score_prompts + mask + top-k):")
+    print(f"{'batch':>11} {'p50 ms':>8} {'prompts/s':>10}")
+    bare = {}
+    bare_forward(recommender, prompts[:4], histories[:4], args.k, 1)  # warm-up
+    for batch_size in sorted({1} | {c for c in args.concurrency if c > 1}):
+        latencies, total = bare_forward(recommender, prompts, histories, args.k, batch_size)
+        bare[batch_size] = (percentiles(latencies)[0], len(prompts) / total)
+        print(f"{batch_size:>11} {bare[batch_size][0]:>8.1f} {bare[batch_size][1]:>10.1f}")
+
+    n_ar = min(args.ar_users, len(prompts))
+    generate_items(recommender, prompts[0], histories[0], args.k)  # warm-up
+    ar_latencies, agree = [], 0
+    for prompt, history in zip(prompts[:n_ar], histories[:n_ar]):
+        started = time.perf_counter()
+        items = generate_items(recommender, prompt, history, args.k)
+        ar_latencies.append(time.perf_counter() - started)
+        scores = score_prompts(recommender.model, [prompt])
+        scores[0, history] = -torch.inf
+        agree += items[0] == int(scores.argmax())
+    ar_p50 = percentiles(ar_latencies)[0]
+    print(f"\nautoregressive, the same {args.k} items one token at a time (greedy, KV cache), {n_ar} users: "
+          f"p50 {ar_p50:.1f} ms per user ({agree}/{n_ar} first items equal the one-pass top-1)")
+
+    print("\nratios:")
+    http = {row[0]: row for row in rows}
+    if 1 in http:
+        print(f"  HTTP p50 at concurrency 1 / bare forward p50 at batch 1: {http[1][1] / bare[1][0]:.2f}x "
+              f"({http[1][1]:.1f} ms vs {bare[1][0]:.1f} ms)")
+    for concurrency in (c for c in args.concurrency if c > 1):
+        print(f"  bare forward prompts/s at batch {concurrency} / HTTP req/s at concurrency {concurrency}: "
+              f"{bare[concurrency][1] / http[concurrency][4]:.2f}x")
+    print(f"  autoregressive p50 / one-pass forward p50 (batch 1): {ar_p50 / bare[1][0]:.1f}x")
+    print(f"load average at the end: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
