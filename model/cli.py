@@ -34,6 +34,8 @@ HELP = {
     "device": "auto (CUDA when available), cpu or cuda[:N]",
     "resume": "continue the run in --out from its last completed epoch",
     "seed": "seed of the split and of training",
+    "init_std": "standard deviation of the random initial token embeddings (paper: 0.02)",
+    "text_init": "start item tokens from their title's word embeddings and users from their items (not in the paper)",
 }
 
 

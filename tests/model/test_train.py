@@ -107,3 +107,29 @@ def test_evaluate_json_compares_with_the_baselines(tiny_checkpoint, synthetic_da
 def test_evaluate_refuses_other_data(tiny_checkpoint, planted_data, capsys):
     assert cli(["evaluate", "--checkpoint", str(tiny_checkpoint), "--data", str(planted_data)]) == 2
     assert "is not the data" in capsys.readouterr().err
+
+
+def test_early_stopping_ends_finetuning_without_improvement(planted_data, tiny_llama, tmp_path, capsys):
+    out = tmp_path / "ckpt"
+    train(quick_config(planted_data, out, tiny_llama, finetune_epochs=8, finetune_lr=1e-12, patience=2))
+    stages = [json.loads(line)["stage"] for line in (out / METRICS_FILE).read_text().splitlines()]
+    assert stages == ["pretrain", "finetune", "finetune"]
+    assert "early stop: no improvement in 2 epochs" in capsys.readouterr().out
+
+
+def test_text_init_starts_items_at_their_title_words(planted_data, tiny_llama):
+    from model.backbone import load_backbone
+    from model.cllm4rec import CLLM4Rec
+    from model.data import load_dataset, split_dataset
+    from model.train import initialize_from_text
+
+    dataset = load_dataset(planted_data)
+    split = split_dataset(dataset, seed=0)
+    backbone, tokenizer = load_backbone(str(tiny_llama))
+    model = CLLM4Rec(backbone, dataset.n_users, dataset.n_items)
+    assert initialize_from_text(model, tokenizer, dataset, split) == dataset.n_items
+    words = backbone.get_input_embeddings().weight
+    ids = tokenizer(dataset.item_titles[5], add_special_tokens=False)["input_ids"]
+    assert torch.allclose(model.collab_items.weight[5], words[ids].mean(0))
+    assert torch.equal(model.collab_items.weight, model.content_items.weight)
+    assert torch.allclose(model.collab_users.weight[0], model.collab_items.weight[split.train[0]].mean(0))
