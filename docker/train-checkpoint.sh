@@ -4,7 +4,7 @@
 # the Kubernetes Jobs (installed in the images as /usr/local/bin/train-checkpoint).
 #
 #   train-checkpoint NAME DATA_DIR [cllm4rec train options...]
-#   train-checkpoint NAME --demo   [cllm4rec train options...]   (a generated demo dataset)
+#   train-checkpoint NAME --demo   (the quickstart's model: generated data, SmolLM2 cut to 4 layers)
 #
 # - /checkpoints/NAME exists: nothing to do, so an init container or a Job can run on every start.
 # - Otherwise it trains into /checkpoints/.NAME.partial, continuing with --resume where an earlier
@@ -35,9 +35,17 @@ if [ -e "$final" ]; then
 fi
 
 if [ "$data" = "--demo" ]; then
-    # The quickstart's generated dataset: users with planted tastes over a small catalogue.
-    data="${TMPDIR:-/tmp}/cllm4rec-demo-data"
-    python -c "import sys; from model.synthetic import write_synthetic_dataset; write_synthetic_dataset(sys.argv[1])" "$data"
+    if [ "$#" -gt 0 ]; then
+        echo "train-checkpoint: --demo takes no train options (it is the quickstart's model)" >&2
+        exit 2
+    fi
+    # `cllm4rec quickstart` without the serving: its data and training settings live in one place
+    # (service/cli.py), and it resumes an interrupted run in $partial by itself.
+    python -c "import sys; from pathlib import Path; from service.cli import build_quickstart_checkpoint; build_quickstart_checkpoint(Path(sys.argv[1]))" "$partial"
+    mv "$partial/checkpoint" "$final"
+    rm -rf "$partial"
+    echo "train-checkpoint: $final is ready"
+    exit 0
 fi
 
 resume=""
