@@ -70,6 +70,7 @@ def serve(settings: Settings, banner: str | None = None) -> int:
     if settings.checkpoint is None:
         raise ConfigError("no checkpoint to serve: pass --checkpoint or set CLLM4REC_CHECKPOINT")
     read_checkpoint(settings.checkpoint)  # a bad checkpoint is one clear line here, not a start-up traceback
+    logging.getLogger().setLevel(settings.log_level.upper())
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             access_log=settings.log_level == "debug",  # per-request lines cost CPU; metrics count

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -59,6 +59,11 @@ class Settings(BaseSettings):
 
     shutdown_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long in-flight requests may "
                                       "take to finish")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def lower_case_level(cls, value):
+        return value.lower() if isinstance(value, str) else value
 
     def resolved_torch_threads(self) -> int:
         return self.torch_threads or available_cpus()
