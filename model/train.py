@@ -305,12 +305,15 @@ class Trainer:
         schedule = self.schedule()
         if self.epoch >= len(schedule):
             print(f"all {len(schedule)} epochs already done")
+        seconds: dict[str, list[float]] = {}  # per stage, for the time-left estimate
         for stage in schedule[self.epoch :]:
             if stage == "finetune" and self.bad_epochs >= self.config.patience:
                 print(f"early stop: no improvement in {self.bad_epochs} epochs")
                 break
+            started = time.perf_counter()
             passes = self.run_epoch(stage)
             metrics = self.validate()
+            seconds.setdefault(stage, []).append(time.perf_counter() - started)
             score = selection_score(metrics)
             improved = score > self.best_score
             self.epoch += 1
@@ -324,10 +327,22 @@ class Trainer:
                     self.bad_epochs = 0 if improved else self.bad_epochs + 1
                 self.save_state()
                 ckpt.append_metrics(self.out, record)
-            losses = " ".join(f"{k} nll={v['nll_per_target']:.3f} ({v['tokens_per_s']:.0f} tok/s)" for k, v in passes.items())
+            losses = " ".join(f"{k} nll={v['nll_per_target']:.3f} ({v['tokens_per_s']:.0f} tok/s)"
+                              for k, v in passes.items())
             shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-            print(f"epoch {self.epoch}/{len(schedule)} {stage}: {losses} | val {shown}{' *best*' if improved else ''}")
+            print(f"epoch {self.epoch}/{len(schedule)} {stage}: {losses} | val {shown}{' *best*' if improved else ''}"
+                  f" | {time_left(schedule[self.epoch:], seconds)}", flush=True)
         return self.best_metrics
+
+
+def time_left(remaining: Sequence[str], seconds: dict[str, list[float]]) -> str:
+    """'about 2.5 h left', from the mean time of the epochs of each stage so far (early stopping may end sooner)."""
+    if not remaining:
+        return "done"
+    untimed = sorted({stage for stage in remaining if stage not in seconds})
+    total = sum(np.mean(seconds[stage]) for stage in remaining if stage in seconds)
+    text = f"{total / 3600:.1f} h" if total >= 3600 else f"{total / 60:.0f} min"
+    return f"about {text} left" + (f" + {', '.join(untimed)} epochs not yet timed" if untimed else "")
 
 
 def initialize_from_text(model: CLLM4Rec, tokenizer, dataset: Dataset, split: Split, max_tokens: int = 32) -> int:
