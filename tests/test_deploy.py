@@ -151,6 +151,12 @@ def test_train_checkpoint_refuses_names_outside_the_root(tmp_path, name):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_train_checkpoint_demo_is_the_quickstart_model_and_takes_no_options(tmp_path):
+    result = train_checkpoint(tmp_path, "demo", "--demo", "--pretrain-epochs", "1")
+    assert result.returncode == 2 and "takes no train options" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_train_checkpoint_fails_when_training_fails(tmp_path):
     result = train_checkpoint(tmp_path, "broken", tmp_path / "no-such-dataset")
     assert result.returncode != 0
