@@ -60,7 +60,7 @@ class TrainConfig:
     mask_ratio: float = 0.2
     max_history: int = 50  # items in a recommendation prompt / collaborative document
     max_text_tokens: int = 128  # words of a review or item text in a content document
-    finetune_targets: str = "masked"  # "masked": the held-out items (paper); "all": every training item
+    finetune_targets: str = "all"  # "all": every training item (reference code); "masked": the held-out items (paper text)
     finetune_content: bool = True  # keep training the content LM during finetuning (paper)
     anonymous_prompt_ratio: float = 0.1  # finetuning examples without the user token (cold-start prompt)
     init_std: float = 0.02  # N(0, init_std) for tokens without text (paper: all tokens)
