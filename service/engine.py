@@ -118,7 +118,11 @@ class Engine:
         step = self.settings.max_batch_size
         for start in range(0, len(requests), step):
             chunk = range(start, min(start + step, len(requests)))
-            results = await asyncio.gather(*(self.recommend_one(requests[i], histories[i]) for i in chunk))
+            results = await asyncio.gather(*(self.recommend_one(requests[i], histories[i]) for i in chunk),
+                                           return_exceptions=True)  # all settle before a failure is raised
+            for error in results:
+                if isinstance(error, BaseException):
+                    raise error
             for i, response in zip(chunk, results):
                 responses[i] = response
         return responses
