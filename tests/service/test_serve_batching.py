@@ -87,14 +87,14 @@ def test_slow_request_times_out_with_504_and_the_server_goes_on(tiny_checkpoint,
     settings = server_settings(tiny_checkpoint, request_timeout_s=0.2)
     with running_server(settings) as server, server.client() as client:
         errors_before = metric_value(client.get("/metrics").text, "cllm4rec_errors_total", kind="timeout")
-        slow_down(server, 0.6)
+        slow_down(server, 1.0)
         started = time.monotonic()
         response = client.post("/recommend", json={"user_id": offline.checkpoint.user_ids[1]})
         assert response.status_code == 504 and "CLLM4REC_REQUEST_TIMEOUT_S" in response.json()["detail"]
-        assert time.monotonic() - started < 0.55
+        assert time.monotonic() - started < 0.8  # the deadline, not the forward pass, ended it
         assert metric_value(client.get("/metrics").text, "cllm4rec_errors_total", kind="timeout") == errors_before + 1
         server.engine.batcher.run_batch = server.engine.score_batch
-        time.sleep(0.5)  # the abandoned forward pass finishes (a forward pass cannot be interrupted)
+        time.sleep(1.0)  # the abandoned forward pass finishes (a forward pass cannot be interrupted)
         assert client.post("/recommend", json={"user_id": offline.checkpoint.user_ids[1]}).status_code == 200
 
 
