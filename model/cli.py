@@ -28,6 +28,7 @@ HELP = {
     "max_history": "most items in a recommendation prompt or collaborative document",
     "max_text_tokens": "most words of a review or item text in a content document",
     "finetune_targets": "masked: predict the held-out items (paper text); all: every training item (reference code)",
+    "content": "train the content LM (reviews, item text); off: collaborative and recommendation stages only",
     "finetune_content": "keep training the content LM during finetuning (paper: yes)",
     "anonymous_prompt_ratio": "share of finetuning prompts without the user token, so unknown users can be served",
     "val_users": "validation users sampled for the per-epoch check (0: all)",

@@ -61,6 +61,7 @@ class TrainConfig:
     max_history: int = 50  # items in a recommendation prompt / collaborative document
     max_text_tokens: int = 128  # words of a review or item text in a content document
     finetune_targets: str = "all"  # "all": every training item (reference code); "masked": the held-out items (paper text)
+    content: bool = True  # train the content LM at all (text still initialises tokens with text_init)
     finetune_content: bool = True  # keep training the content LM during finetuning (paper)
     anonymous_prompt_ratio: float = 0.1  # finetuning examples without the user token (cold-start prompt)
     init_std: float = 0.02  # N(0, init_std) for tokens without text (paper: all tokens)
@@ -150,7 +151,7 @@ class Trainer:
         self.out = out
         self.optimizers = {view: make_optimizers(model.tables(view), config.pretrain_lr) for view in (COLLAB, CONTENT)}
         self.content_documents = build_content_documents(space, split.train_reviews(dataset), dataset.item_texts,
-                                                         config.max_text_tokens)
+                                                         config.max_text_tokens) if config.content else []
         rng = np.random.default_rng([config.seed, 1])
         users = evaluation_users(split, "val")
         if config.val_users and len(users) > config.val_users:
@@ -456,8 +457,14 @@ def train(config: TrainConfig) -> dict:
               if described else "init: no item text; all tokens from N(0, init_std)")
     out.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(config, dataset, split, model, space, device, out)
-    if not trainer.content_documents:
+    if not config.content:
+        print("content LM off (--no-content): only the collaborative and recommendation stages run")
+    elif not trainer.content_documents:
         print("data: no review or item text: the content stages are skipped")
+    elif config.backbone_layers is not None:
+        # Measured on SmolLM2: title words cost 17-20 nats each from the first 4-16 layers, 4.8 from all 30.
+        print(f"note: the frozen LM head reads layer {config.backbone_layers}, not the last one; its word "
+              "predictions are poor there, so the content LM teaches little (consider --no-content)")
     if config.resume:
         trainer.restore_state()
         print(f"resuming after epoch {trainer.epoch}")
