@@ -172,7 +172,8 @@ def main() -> None:
     rng = np.random.default_rng(0)
     chosen = rng.choice(users, args.requests, replace=len(users) < args.requests).tolist()
     histories = [split.train[u].tolist() for u in chosen]
-    prompts = [build_recommend_prompt(recommender.space, u, h, recommender.max_history) for u, h in zip(chosen, histories)]
+    prompts = [build_recommend_prompt(recommender.space, u, h, recommender.max_history)
+               for u, h in zip(chosen, histories)]
     bodies = [{"user_id": recommender.checkpoint.user_ids[u], "k": args.k} for u in chosen]
     print(f"{platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start, "
           f"torch {torch.__version__}, {args.threads} threads")

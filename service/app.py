@@ -149,7 +149,8 @@ class RequestMetrics:
 
 def error_response(status: int, kind: str, error: Exception, retry_after: bool = False) -> JSONResponse:
     metrics.errors.labels(kind).inc()
-    return JSONResponse({"detail": str(error)}, status_code=status, headers={"Retry-After": "1"} if retry_after else None)
+    headers = {"Retry-After": "1"} if retry_after else None
+    return JSONResponse({"detail": str(error)}, status_code=status, headers=headers)
 
 
 async def on_validation_error(request: Request, error: RequestValidationError) -> JSONResponse:

@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from model import cli as model_cli
 from model.backbone import BackboneError
-from model.checkpoint import META_FILE, CheckpointError, read_checkpoint
+from model.checkpoint import CheckpointError, read_checkpoint
 from model.data import DataError
 from model.synthetic import write_synthetic_dataset
 from model.train import STATE_DIR, ConfigError, TrainConfig, train
