@@ -4,6 +4,10 @@
 means de-quantizing it (about 30 s); it is done once and the result kept as a safetensors
 directory under the cache (CLLM4REC_CACHE_DIR, default ~/.cache/cllm4rec), which later loads read
 in under a second.
+
+Weights are read from safetensors only (or the bundled GGUF): PyTorch .bin files are pickles, which
+can run code when loaded, so a backbone that has only those is refused with a message saying how to
+convert it. No backbone's own code is run (trust_remote_code stays off).
 """
 
 from __future__ import annotations
@@ -114,9 +118,14 @@ def load_backbone(name: str, n_layers: int | None = None, device: str | torch.de
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_backbone(name)
+    pickled = [p.name for p in Path(path).glob("*.bin")] if Path(path).is_dir() else []
+    if pickled and not any(Path(path).glob("*.safetensors")):
+        raise BackboneError(f"backbone {name!r} has only pickle weights ({', '.join(sorted(pickled))}), which "
+                            "cllm4rec does not load (unpickling can run code); convert them to safetensors where "
+                            "you trust them: AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(NEW_DIR)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
     except (OSError, ValueError) as e:
         raise BackboneError(f"cannot load backbone {name!r}: {e}") from e
     if n_layers is not None:

@@ -1,4 +1,7 @@
-"""Backbone loading: any causal LM directory, first-N-layers cut, frozen; the bundled SmolLM2 GGUF."""
+"""Backbone loading: any causal LM directory, first-N-layers cut, frozen; the bundled SmolLM2 GGUF;
+pickle weights refused."""
+
+import shutil
 
 import pytest
 import torch
@@ -51,3 +54,14 @@ def test_bundled_smollm2_converts_once_and_is_a_working_lm(monkeypatch, tmp_path
     with torch.no_grad():
         next_token = model(ids).logits[0, -1].argmax().item()
     assert tokenizer.decode([next_token]).strip() == "Paris"
+
+
+def test_pickle_weights_are_refused(tiny_llama, tmp_path):
+    """A backbone with only PyTorch .bin weights (pickles, which can run code) is not loaded."""
+    directory = tmp_path / "pickled"
+    shutil.copytree(tiny_llama, directory)
+    model, _ = load_backbone(str(directory))
+    (directory / "model.safetensors").unlink()
+    torch.save(model.state_dict(), directory / "pytorch_model.bin")
+    with pytest.raises(BackboneError, match=r"only pickle weights \(pytorch_model.bin\).*safetensors"):
+        load_backbone(str(directory))
