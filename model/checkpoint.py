@@ -174,6 +174,14 @@ def read_checkpoint(directory: str | Path) -> Checkpoint:
     missing = [k for k in required if k not in meta]
     if missing:
         raise CheckpointError(f"{meta_path}: missing field(s) {', '.join(missing)}")
+    backbone_fields = ("name", "layers", "n_words", "hidden_size")
+    if not isinstance(meta["backbone"], dict) or any(k not in meta["backbone"] for k in backbone_fields):
+        raise CheckpointError(f"{meta_path}: backbone must give {', '.join(backbone_fields)}")
+    # Every data file is checksummed: a checkpoint.json that leaves one out is not trusted.
+    unchecked = [name for name in (EMBEDDINGS_FILE, SPLIT_FILE, IDS_FILE)
+                 if not isinstance(meta["files"], dict) or name not in meta["files"]]
+    if unchecked:
+        raise CheckpointError(f"{meta_path}: no checksum for {', '.join(unchecked)}")
     for name, digest in meta["files"].items():
         path = directory / name
         if not path.exists():
@@ -195,8 +203,12 @@ def read_checkpoint(directory: str | Path) -> Checkpoint:
             raise CheckpointError(f"{directory}: {EMBEDDINGS_FILE} has no tensor {name!r}")
         if tuple(tensor.shape) != (rows, hidden):
             raise CheckpointError(f"{directory}: {name} has shape {tuple(tensor.shape)}, expected ({rows}, {hidden})")
-    ids = json.loads((directory / IDS_FILE).read_text(encoding="utf-8"))
-    if len(ids["users"]) != n_users or len(ids["items"]) != n_items or len(ids["titles"]) != n_items:
+    try:
+        ids = json.loads((directory / IDS_FILE).read_text(encoding="utf-8"))
+        sizes = len(ids["users"]), len(ids["items"]), len(ids["titles"])
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{directory}: {IDS_FILE} is not a users/items/titles object ({e})") from e
+    if sizes != (n_users, n_items, n_items):
         raise CheckpointError(f"{directory}: {IDS_FILE} does not match the sizes in {META_FILE}")
     if set(split_arrays) != {"user", "item", "part"}:
         raise CheckpointError(f"{directory}: {SPLIT_FILE} must hold user, item and part arrays")

@@ -84,3 +84,14 @@ def test_backbone_of_another_width_is_refused(checkpoint_copy, make_backbone):
     edit_meta(checkpoint_copy, lambda m: m["backbone"].update(name=str(wider)))
     with pytest.raises(CheckpointError, match="trained on 300 of width 32"):
         load_recommender(checkpoint_copy, "cpu")
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m["files"].pop("ids.json"), "no checksum for ids.json"),
+    (lambda m: m.update(files=[]), "no checksum for embeddings.safetensors, split.safetensors, ids.json"),
+    (lambda m: m["backbone"].pop("hidden_size"), "backbone must give name, layers, n_words, hidden_size"),
+])
+def test_incomplete_metadata_is_refused(checkpoint_copy, change, message):
+    edit_meta(checkpoint_copy, change)
+    with pytest.raises(CheckpointError, match=message):
+        read_checkpoint(checkpoint_copy)
