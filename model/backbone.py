@@ -125,12 +125,15 @@ def load_backbone(name: str, n_layers: int | None = None, device: str | torch.de
                             "you trust them: AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(NEW_DIR)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
+        # Built in float32 and cast below: from_pretrained(dtype=float16) switches torch's
+        # process-wide default dtype while it builds the model, which a forward pass in another
+        # thread would see (the server loads a new checkpoint beside the one serving).
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
     except (OSError, ValueError) as e:
         raise BackboneError(f"cannot load backbone {name!r}: {e}") from e
     if n_layers is not None:
         keep_first_layers(model, n_layers)
     model.requires_grad_(False)
     model.eval()
-    return model.to(device), tokenizer
+    return model.to(device=device, dtype=dtype), tokenizer
 
