@@ -153,7 +153,11 @@ def append_metrics(directory: str | Path, record: dict) -> None:
 def read_checkpoint(directory: str | Path) -> Checkpoint:
     """Read and validate everything but the backbone. Raises CheckpointError saying what is wrong."""
     directory = Path(directory)
-    if not directory.is_dir():
+    try:
+        is_directory = directory.is_dir()
+    except OSError as e:  # a name too long, a loop of symbolic links, ...
+        raise CheckpointError(f"{str(directory)[:200]}: not a usable path ({e.strerror})") from e
+    if not is_directory:
         raise CheckpointError(f"{directory}: no such checkpoint directory")
     meta_path = directory / META_FILE
     if not meta_path.exists():

@@ -54,6 +54,8 @@ def test_missing_file_and_missing_metadata_are_refused(checkpoint_copy):
         read_checkpoint(checkpoint_copy)
     with pytest.raises(CheckpointError, match="no such checkpoint directory"):
         read_checkpoint(checkpoint_copy / "nope")
+    with pytest.raises(CheckpointError, match="not a usable path"):
+        read_checkpoint(checkpoint_copy / ("x" * 300))  # longer than a file name may be
 
 
 def edit_meta(directory, change):
