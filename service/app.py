@@ -1,13 +1,18 @@
 """The FastAPI app: create_app(settings) and its lifespan.
 
 Start-up, before the first request is accepted:
-  1. load the checkpoint (CUDA in half precision when available, else CPU float32)
+  1. load the checkpoint (CUDA in half precision when available, else CPU float32), unless the
+     caller loaded it already (`cllm4rec serve` does, so a bad checkpoint is one line before
+     anything listens)
   2. open the history store (Redis, or in-process when no URL is set); seed it with the
      checkpoint's training histories unless this checkpoint already did (a background task retries
      while Redis is down and re-seeds a Redis that lost its data)
   3. start the batcher and score one warm-up request: from then on /readyz can answer 200
 Shutdown: begin_shutdown (called by `cllm4rec serve` on SIGTERM) turns /readyz to 503 at once;
 uvicorn stops accepting and lets in-flight requests finish; then the batcher and store close.
+
+Around the routes: RequestMetrics (latency, in flight) outside BodySizeLimit (413 before any
+parsing); the API key is checked by the routes' dependencies (service/dependencies.py).
 """
 
 from __future__ import annotations
@@ -18,19 +23,19 @@ import time
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 
-import torch
 from fastapi import FastAPI, Request
 from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from model.checkpoint import Checkpoint, load_recommender
 from model.train import ConfigError
 from service import metrics
 from service.batcher import Overloaded
-from service.engine import Engine, RequestTimeout
-from service.histories import HistoryStore, HistoryStoreUnavailable, checkpoint_histories, open_history_store
-from service.routes import health, interactions, recommend
+from service.dependencies import Unauthorized
+from service.engine import Engine, ReloadFailed, RequestTimeout, ServedModel, model_device
+from service.histories import HistoryStoreUnavailable, open_history_store
+from service.routes import admin, health, interactions, recommend
+from service.schemas import request_models
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -38,7 +43,8 @@ log = logging.getLogger(__name__)
 DESCRIPTION = """Recommendations from a CLLM4Rec checkpoint: a frozen causal LM with one token per user and per
 item. One forward pass of the prompt `<user> has interacted with <items>, <user> will interact with` scores
 every item; the best k are returned, the user's history excluded. Histories live in Redis (or in the
-process) and grow with POST /interactions, without retraining. See docs/serving.md."""
+process) and grow with POST /interactions, without retraining. With CLLM4REC_API_KEY set, writes need the key
+(`Authorization: Bearer KEY` or `X-API-Key: KEY`), and reads too with CLLM4REC_AUTH_READS. See docs/serving.md."""
 
 
 def package_version() -> str:
@@ -48,70 +54,52 @@ def package_version() -> str:
         return "unknown"
 
 
-def model_device(setting: str) -> torch.device | None:
-    """None: load_recommender's default (CUDA when available)."""
-    if setting == "auto":
-        return None
-    if setting == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("CLLM4REC_DEVICE=cuda: no CUDA device is available")
-    return torch.device(setting)
-
-
-# --- histories -----------------------------------------------------------------------------------
-
-async def seed_histories(store: HistoryStore, checkpoint: Checkpoint) -> None:
-    """Copy the training histories in, unless this checkpoint's are there already. Never raises for
-    an unreachable store: serving goes on, and the next attempt comes from keep_seeded."""
-    try:
-        if await store.seeded_version() == checkpoint.model_version:
-            return
-        started = time.perf_counter()
-        written = await store.seed(checkpoint_histories(checkpoint), checkpoint.model_version)
-        log.info("history store seeded from %s: %d users written (users with a history kept theirs) in %.1f s",
-                 checkpoint.path, written, time.perf_counter() - started)
-    except HistoryStoreUnavailable as e:
-        log.warning("history store not seeded yet (will retry): %s", e)
-
-
-async def keep_seeded(store: HistoryStore, checkpoint: Checkpoint, interval_s: float) -> None:
+async def keep_seeded(engine: Engine, interval_s: float) -> None:
     while True:
         await asyncio.sleep(interval_s)
-        await seed_histories(store, checkpoint)
+        await engine.seed_histories()
 
 
 # --- the app ---------------------------------------------------------------------------------------
 
 @asynccontextmanager
 async def lifespan(app: FastAPI):
+    # No local variable here may hold the model: this frame lives as long as the server, and a
+    # reload must be able to free the model it replaces.
     settings: Settings = app.state.settings
     started = time.perf_counter()
-    recommender = await asyncio.to_thread(load_recommender, settings.checkpoint, model_device(settings.device))
-    checkpoint = recommender.checkpoint
-    backbone = checkpoint.meta["backbone"]
-    metrics.model_info.info({"model_version": checkpoint.model_version, "backbone": backbone["name"],
-                             "backbone_layers": str(backbone["layers"]), "n_items": str(checkpoint.meta["n_items"]),
-                             "n_users": str(checkpoint.meta["n_users"])})
     store = open_history_store(settings.redis_url, settings.redis_key_prefix, settings.history_max_length,
                                settings.redis_timeout_s)
-    engine = Engine(recommender, store, settings)
+    engine = Engine(app.state.preloaded or await asyncio.to_thread(ServedModel.load, settings.checkpoint,
+                                                                   settings.device), store, settings)
+    app.state.preloaded = None
     engine.start()
     seeding = None
     try:
+        await engine.seed_histories()
         if settings.seed_histories:
-            await seed_histories(store, checkpoint)
-            seeding = asyncio.create_task(keep_seeded(store, checkpoint, settings.seed_check_interval_s))
+            seeding = asyncio.create_task(keep_seeded(engine, settings.seed_check_interval_s))
         await engine.warm_up()
         app.state.engine = engine
-        log.info("serving %s (model %s, %s with %d layers, %d items) on %s, %s threads, history store: %s; "
-                 "ready in %.1f s", checkpoint.path, checkpoint.model_version, backbone["name"], backbone["layers"],
-                 checkpoint.meta["n_items"], recommender.device, settings.resolved_torch_threads(),
-                 "Redis" if settings.redis_url else "in-process", time.perf_counter() - started)
+        log.info("%s; ready in %.1f s", describe(engine), time.perf_counter() - started)
         yield
     finally:
         begin_shutdown(app)
         if seeding is not None:
             seeding.cancel()
         await engine.close()
+
+
+def describe(engine: Engine) -> str:
+    """The start-up log line: what is served, where, and how access is set."""
+    settings, recommender = engine.settings, engine.model.recommender
+    checkpoint, backbone = recommender.checkpoint, recommender.checkpoint.meta["backbone"]
+    access = ("off (no CLLM4REC_API_KEY)" if settings.api_key is None else
+              "API key required on reads and writes" if settings.auth_reads else "API key required on writes")
+    return (f"serving {checkpoint.path} (model {checkpoint.model_version}, {backbone['name']} with "
+            f"{backbone['layers']} layers, {checkpoint.meta['n_items']} items) on {recommender.device}, "
+            f"{settings.resolved_torch_threads()} threads, history store: "
+            f"{'Redis' if settings.redis_url else 'in-process'}, access: {access}")
 
 
 def begin_shutdown(app: FastAPI) -> None:
@@ -147,15 +135,70 @@ class RequestMetrics:
                                                  str(status)).observe(time.perf_counter() - started)
 
 
-def error_response(status: int, kind: str, error: Exception, retry_after: bool = False) -> JSONResponse:
+class BodySizeLimit:
+    """ASGI middleware: a request body larger than max_bytes gets 413 before the app parses any of
+    it: at once when Content-Length says so, else as soon as a streamed (chunked) body passes the
+    limit. Bodies within it are read here and handed on, so no route reads an unbounded body."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await self.too_large(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left before its body was complete
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                return await self.too_large(scope, receive, send)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body_sent = False
+
+        async def replay():
+            nonlocal body_sent
+            if body_sent:
+                return await receive()  # from now on: the disconnect, when it comes
+            body_sent = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def too_large(self, scope, receive, send):
+        response = error_response(413, "too_large", Exception(
+            f"the request body is larger than {self.max_bytes} bytes (CLLM4REC_MAX_BODY_BYTES)"))
+        # The rest of the body is never read, so the connection cannot carry another request.
+        response.headers["Connection"] = "close"
+        await response(scope, receive, send)
+
+
+def error_response(status: int, kind: str, error: Exception, retry_after: bool = False,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
     metrics.errors.labels(kind).inc()
-    headers = {"Retry-After": "1"} if retry_after else None
-    return JSONResponse({"detail": str(error)}, status_code=status, headers=headers)
+    headers = {**(headers or {}), **({"Retry-After": "1"} if retry_after else {})}
+    return JSONResponse({"detail": str(error)}, status_code=status, headers=headers or None)
 
 
 async def on_validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
     metrics.errors.labels("validation").inc()
     return await request_validation_exception_handler(request, error)
+
+
+async def on_unauthorized(request: Request, error: Unauthorized) -> JSONResponse:
+    return error_response(401, "unauthorized", error, headers={"WWW-Authenticate": "Bearer"})
+
+
+async def on_reload_failed(request: Request, error: ReloadFailed) -> JSONResponse:
+    return error_response(400, "reload_failed", error)
 
 
 async def on_overloaded(request: Request, error: Overloaded) -> JSONResponse:
@@ -174,21 +217,29 @@ async def on_internal_error(request: Request, error: Exception) -> JSONResponse:
     return error_response(500, "internal", Exception("internal error (logged by the server)"))
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, model: ServedModel | None = None) -> FastAPI:
+    """The app for `settings`; `model` is the checkpoint already loaded (else the lifespan loads it)."""
     settings = settings or Settings()
     if settings.checkpoint is None:
         raise ConfigError("no checkpoint to serve: pass --checkpoint or set CLLM4REC_CHECKPOINT")
     model_device(settings.device)  # fail now, not in the lifespan, on a device that is not there
     app = FastAPI(title="cllm4rec", version=package_version(), description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
+    app.state.preloaded = model
     app.state.engine = None
     app.state.shutting_down = False
-    app.add_middleware(RequestMetrics)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMetrics)  # added last: the outermost, so it also times 413s
     app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(Unauthorized, on_unauthorized)
+    app.add_exception_handler(ReloadFailed, on_reload_failed)
     app.add_exception_handler(Overloaded, on_overloaded)
     app.add_exception_handler(HistoryStoreUnavailable, on_store_unavailable)
     app.add_exception_handler(RequestTimeout, on_timeout)
     app.add_exception_handler(Exception, on_internal_error)
-    for routes in (recommend, interactions, health):
-        app.include_router(routes.router)
+    models = request_models(settings)
+    app.include_router(recommend.create_router(models))
+    app.include_router(interactions.create_router(models))
+    app.include_router(admin.router)
+    app.include_router(health.router)
     return app

@@ -92,25 +92,29 @@ class Batcher(Generic[Job, Result]):
         return [p for p in batch if not p.future.done()]
 
     async def work(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            batch = await self.next_batch()
-            if not batch:
-                continue
-            started = time.perf_counter()
+            # A call per batch: nothing of a finished batch stays referenced while the worker waits
+            # for the next one (its jobs hold their model, which a reload must be able to free).
+            await self.run(await self.next_batch())
+
+    async def run(self, batch: list[Pending]) -> None:
+        if not batch:
+            return
+        started = time.perf_counter()
+        for pending in batch:
+            metrics.batch_queue_wait.observe(started - pending.enqueued_at)
+        metrics.batch_size.observe(len(batch))
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(self.executor, self.run_batch,
+                                                                       [p.job for p in batch])
+        except Exception as e:  # a failed batch fails its own requests, not the server
+            log.exception("forward pass of a batch of %d failed", len(batch))
             for pending in batch:
-                metrics.batch_queue_wait.observe(started - pending.enqueued_at)
-            metrics.batch_size.observe(len(batch))
-            try:
-                results = await loop.run_in_executor(self.executor, self.run_batch, [p.job for p in batch])
-            except Exception as e:  # a failed batch fails its own requests, not the server
-                log.exception("forward pass of a batch of %d failed", len(batch))
-                for pending in batch:
-                    if not pending.future.done():
-                        pending.future.set_exception(e)
-                continue
-            finally:
-                metrics.model_forward_duration.observe(time.perf_counter() - started)
-            for pending, result in zip(batch, results):
                 if not pending.future.done():
-                    pending.future.set_result(result)
+                    pending.future.set_exception(e)
+            return
+        finally:
+            metrics.model_forward_duration.observe(time.perf_counter() - started)
+        for pending, result in zip(batch, results):
+            if not pending.future.done():
+                pending.future.set_result(result)

@@ -3,6 +3,7 @@
     cllm4rec serve [--checkpoint PATH] [--host H] [--port P]     the HTTP server (service.app)
     cllm4rec load-histories --checkpoint PATH [--redis-url URL]  seed Redis with training histories
     cllm4rec quickstart [--dir D] [--host H] [--port P]          generate data, train a small model, serve it
+    cllm4rec quickstart --no-serve [--dir D]                     only build (or reuse) that model
 
 Options left out come from the CLLM4REC_* environment (service.settings). The service package sets
 OMP_WAIT_POLICY before anything here imports torch (service/__init__.py).
@@ -15,7 +16,9 @@ import asyncio
 import json
 import logging
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -29,8 +32,11 @@ from model.data import DataError
 from model.synthetic import write_synthetic_dataset
 from model.train import STATE_DIR, ConfigError, TrainConfig, train
 from service.app import begin_shutdown, create_app
+from service.engine import ReloadFailed, ServedModel
 from service.histories import HistoryStoreUnavailable, RedisHistoryStore, checkpoint_histories
 from service.settings import Settings
+
+log = logging.getLogger(__name__)
 
 USER_ERRORS = (DataError, CheckpointError, BackboneError, ConfigError, HistoryStoreUnavailable, ValidationError)
 
@@ -50,11 +56,13 @@ def settings_from(**options) -> Settings:
 
 class Server(uvicorn.Server):
     """uvicorn's server, with /readyz failing from the moment SIGTERM (or Ctrl-C) arrives, before
-    the drain of in-flight requests begins; and a banner once the app is ready."""
+    the drain of in-flight requests begins; SIGHUP reloading the configured checkpoint; and a
+    banner once the app is ready."""
 
     def __init__(self, config: uvicorn.Config, banner: str | None = None):
         super().__init__(config)
         self.banner = banner
+        self.reloads: set[asyncio.Task] = set()  # referenced until done (the loop keeps only weak references)
 
     def handle_exit(self, sig, frame) -> None:
         begin_shutdown(self.config.app)
@@ -62,21 +70,53 @@ class Server(uvicorn.Server):
 
     async def startup(self, sockets=None) -> None:
         await super().startup(sockets)
-        if self.started and self.banner:
+        if not self.started:
+            return
+        # Signal handlers can only be set from the main thread (tests run servers in other threads).
+        if hasattr(signal, "SIGHUP") and threading.current_thread() is threading.main_thread():
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload_on_sighup)
+        if self.banner:
             print(self.banner, flush=True)
+
+    def reload_on_sighup(self) -> None:
+        task = asyncio.get_running_loop().create_task(self.reload_configured_checkpoint())
+        self.reloads.add(task)
+        task.add_done_callback(self.reloads.discard)
+
+    async def reload_configured_checkpoint(self) -> None:
+        app = self.config.app
+        try:
+            await app.state.engine.reload(app.state.settings.checkpoint)
+        except ReloadFailed as e:  # the engine logged the success, or a traceback if it was unexpected
+            log.error("SIGHUP: %s", e)
+
+
+def run_until_stopped(server: Server) -> None:
+    """server.run(), ending normally after a clean drain. uvicorn re-raises SIGTERM and SIGINT once it
+    has shut down gracefully, under the handlers that were in place before it started; these are
+    no-ops here, so the process exits 0 instead of dying of the signal (143, or a KeyboardInterrupt)."""
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def serve(settings: Settings, banner: str | None = None) -> int:
     if settings.checkpoint is None:
         raise ConfigError("no checkpoint to serve: pass --checkpoint or set CLLM4REC_CHECKPOINT")
-    read_checkpoint(settings.checkpoint)  # a bad checkpoint is one clear line here, not a start-up traceback
     logging.getLogger().setLevel(settings.log_level.upper())
-    app = create_app(settings)
+    # Loaded before anything listens: a missing, corrupt or incompatible checkpoint (or backbone) is
+    # one line naming the problem and exit status 2 (main), not a start-up traceback.
+    model = ServedModel.load(settings.checkpoint, settings.device)
+    app = create_app(settings, model)
+    del model  # the app holds it; a reload must be able to free it
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             access_log=settings.log_level == "debug",  # per-request lines cost CPU; metrics count
                             timeout_graceful_shutdown=settings.shutdown_timeout_s)
     server = Server(config, banner)
-    server.run()
+    run_until_stopped(server)
     return 0 if server.started else 1
 
 
@@ -178,6 +218,8 @@ def quickstart_banner(checkpoint: Path, url: str) -> str:
 def run_quickstart(args) -> int:
     directory = Path(args.dir)
     checkpoint = build_quickstart_checkpoint(directory)
+    if args.no_serve:
+        return 0
     # The embedded history store, whatever the environment says: the quickstart needs nothing else.
     settings = settings_from(checkpoint=checkpoint, host=args.host, port=args.port).model_copy(
         update={"redis_url": None})
@@ -192,6 +234,8 @@ def add_quickstart_parser(subparsers) -> None:
     p.add_argument("--dir", default="runs/quickstart", help="where the data and the checkpoint go")
     p.add_argument("--host", help="interface to listen on (default: $CLLM4REC_HOST or 127.0.0.1)")
     p.add_argument("--port", type=int, help="TCP port (default: $CLLM4REC_PORT or 8000)")
+    p.add_argument("--no-serve", action="store_true", help="only build (or reuse) the data and the checkpoint, "
+                   "then exit (images build the demo checkpoint this way)")
     p.set_defaults(func=run_quickstart)
 
 
@@ -215,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except USER_ERRORS as e:
         return model_cli.report_error(e)
+    except KeyboardInterrupt:  # Ctrl-C before the server took over the signal (while loading)
+        return 130
 
 
 if __name__ == "__main__":

@@ -9,27 +9,39 @@ the known items with repeats dropped (the most recent occurrence stays), the las
 them (the checkpoint's limit); exclude_seen masks every item of the history, not only those in the
 prompt.
 
-The model runs nowhere else than Engine.score_batch: one padded forward pass for a batch of
+The model runs nowhere else than ServedModel.score: one padded forward pass for a batch of
 prompts (model.cllm4rec.score_prompts, the function offline evaluation uses), then masking and
-top-k, in the batcher's worker thread. There is no token-by-token decoding.
+top-k, in the batcher's worker thread (and once, to warm up a reloaded checkpoint, in the thread
+that loads it). There is no token-by-token decoding.
+
+Hot reload (Engine.reload): the new checkpoint is loaded and warmed up in a thread while the old
+one serves, then swapped in with one assignment. A request takes the model once, when it starts,
+and every job carries the model that built its prompt, so in-flight requests finish on the model
+they started with; a batch that holds jobs of both models scores each model's jobs in a forward pass
+of its own. The old model is freed once its last job is done.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from model.checkpoint import Recommender
+from model.backbone import BackboneError
+from model.checkpoint import CheckpointError, Recommender, load_recommender
 from model.cllm4rec import score_prompts
 from model.prompts import build_recommend_prompt
+from model.train import ConfigError
 from service import metrics
 from service.batcher import Batcher
-from service.histories import HistoryStore
-from service.schemas import InteractionsResponse, RecommendedItem, RecommendRequest, RecommendResponse
+from service.histories import HistoryStore, seed_from_checkpoint
+from service.schemas import (InteractionsResponse, RecommendedItem, RecommendQuery, RecommendResponse,
+                             ReloadResponse)
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -39,10 +51,70 @@ class RequestTimeout(RuntimeError):
     """The recommendation was not ready within CLLM4REC_REQUEST_TIMEOUT_S."""
 
 
+class ReloadFailed(RuntimeError):
+    """The new checkpoint could not be loaded or warmed up; the message says why. The old model
+    still serves."""
+
+
+def model_device(setting: str) -> torch.device | None:
+    """None: load_recommender's default (CUDA when available)."""
+    if setting == "auto":
+        return None
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("CLLM4REC_DEVICE=cuda: no CUDA device is available")
+    return torch.device(setting)
+
+
+@dataclass(eq=False)  # compared and hashed by identity: jobs are grouped by the model they belong to
+class ServedModel:
+    """A loaded checkpoint and what serving derives from it; a reload replaces it as a whole."""
+
+    recommender: Recommender
+    titles: list[str | None]
+    popularity: torch.Tensor
+
+    @classmethod
+    def load(cls, checkpoint: Path, device_setting: str) -> ServedModel:
+        """Raises CheckpointError, BackboneError or ConfigError saying what is wrong."""
+        recommender = load_recommender(checkpoint, model_device(device_setting))
+        return cls(recommender, [title or None for title in recommender.checkpoint.item_titles],
+                   torch.as_tensor(recommender.popularity, dtype=torch.float32))
+
+    @property
+    def version(self) -> str:
+        return self.recommender.checkpoint.model_version
+
+    def publish_info(self) -> None:
+        meta = self.recommender.checkpoint.meta
+        metrics.model_info.info({"model_version": self.version, "backbone": meta["backbone"]["name"],
+                                 "backbone_layers": str(meta["backbone"]["layers"]), "n_items": str(meta["n_items"]),
+                                 "n_users": str(meta["n_users"])})
+
+    def job(self, user: int | None, history: list[int], seen: list[int], k: int) -> ScoreJob:
+        recommender = self.recommender
+        return ScoreJob(self, build_recommend_prompt(recommender.space, user, history, recommender.max_history),
+                        seen, k)
+
+    def warm_up_job(self) -> ScoreJob:
+        return self.job(0 if self.recommender.space.n_users else None, [0], [0], 1)
+
+    def score(self, jobs: Sequence[ScoreJob]) -> list[Ranking]:
+        """One padded forward pass for jobs of this model, masking and top-k."""
+        scores = score_prompts(self.recommender.model, [job.prompt for job in jobs])  # [B, n_items] float32
+        rows = [row for row, job in enumerate(jobs) for _ in job.seen]
+        if rows:
+            columns = [item for job in jobs for item in job.seen]
+            scores[torch.as_tensor(rows, device=scores.device),
+                   torch.as_tensor(columns, device=scores.device)] = -torch.inf
+        return top_k(scores, [job.k for job in jobs])
+
+
 @dataclass
 class ScoreJob:
-    """One prompt for the batcher: its top k items, the `seen` item indices excluded."""
+    """One prompt for the batcher: its top k items, the `seen` item indices excluded, scored by the
+    model whose token space the prompt and indices belong to."""
 
+    model: ServedModel
     prompt: list[int]
     seen: list[int]
     k: int
@@ -55,19 +127,18 @@ Ranking = tuple[list[int], list[float]]
 class Engine:
     """The served model, the history store and the batcher: what the routes work with."""
 
-    def __init__(self, recommender: Recommender, store: HistoryStore, settings: Settings):
-        self.recommender = recommender
+    def __init__(self, model: ServedModel, store: HistoryStore, settings: Settings):
+        self.model = model
         self.store = store
         self.settings = settings
-        self.model_version = recommender.checkpoint.model_version
-        self.titles = [title or None for title in recommender.checkpoint.item_titles]
-        self.popularity = torch.as_tensor(recommender.popularity, dtype=torch.float32)
         # torch's CPU thread count is a setting of the thread that runs the forward pass, so it is set there.
         threads = settings.resolved_torch_threads()
         self.batcher: Batcher[ScoreJob, Ranking] = Batcher(
             self.score_batch, settings.max_batch_size, settings.max_wait_ms / 1000, settings.queue_size,
             thread_initializer=lambda: torch.set_num_threads(threads))
         self.warmed_up = False
+        self.reloading = asyncio.Lock()  # one reload at a time; others wait for it
+        model.publish_info()
 
     # --- life cycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -76,37 +147,68 @@ class Engine:
     async def warm_up(self) -> None:
         """Score one real request through the batcher: the first forward pass pays for lazy
         initialisation (allocations, kernels), a user's request should not."""
-        user = 0 if self.recommender.space.n_users else None
-        await self.batcher.submit(self.job(user, [0], [0], 1))
+        await self.batcher.submit(self.model.warm_up_job())
         self.warmed_up = True
 
     async def close(self) -> None:
         await self.batcher.stop()
         await self.store.close()
 
-    # --- scoring (worker thread) -------------------------------------------------------------------
-    def score_batch(self, jobs: Sequence[ScoreJob]) -> list[Ranking]:
-        scores = score_prompts(self.recommender.model, [job.prompt for job in jobs])  # [B, n_items] float32
-        rows = [row for row, job in enumerate(jobs) for _ in job.seen]
-        if rows:
-            columns = [item for job in jobs for item in job.seen]
-            scores[torch.as_tensor(rows, device=scores.device),
-                   torch.as_tensor(columns, device=scores.device)] = -torch.inf
-        return top_k(scores, [job.k for job in jobs])
+    async def seed_histories(self) -> None:
+        if self.settings.seed_histories:
+            await seed_from_checkpoint(self.store, self.model.recommender.checkpoint)
 
-    def job(self, user: int | None, history: list[int], seen: list[int], k: int) -> ScoreJob:
-        prompt = build_recommend_prompt(self.recommender.space, user, history, self.recommender.max_history)
-        return ScoreJob(prompt, seen, k)
+    async def reload(self, checkpoint: Path) -> ReloadResponse:
+        """Load `checkpoint` and warm it up in a thread while the current model serves, then swap it
+        in between two batches. Raises ReloadFailed, keeping the current model, if it cannot be
+        loaded or scored."""
+        async with self.reloading:
+            started = time.perf_counter()
+            previous = self.model.version
+            try:
+                model = await asyncio.to_thread(load_and_warm_up, checkpoint, self.settings.device)
+            except (CheckpointError, BackboneError, ConfigError) as e:
+                metrics.reloads.labels("failed").inc()
+                raise ReloadFailed(f"reload of {checkpoint} failed, still serving {previous}: {e}") from e
+            except Exception as e:  # a checkpoint that loads but cannot be scored is refused too
+                log.exception("reload of %s failed", checkpoint)
+                metrics.reloads.labels("failed").inc()
+                raise ReloadFailed(f"reload of {checkpoint} failed, still serving {previous}: "
+                                   f"{type(e).__name__}: {e}") from e
+            self.model = model  # from here on new requests use it; the old one goes with its last job
+            model.publish_info()
+            metrics.reloads.labels("ok").inc()
+            await self.seed_histories()  # users new in this checkpoint get their training histories
+            seconds = time.perf_counter() - started
+            log.info("reloaded: serving %s (model %s, was %s), loaded in %.1f s", checkpoint, model.version,
+                     previous, seconds)
+            return ReloadResponse(model_version=model.version, previous_model_version=previous,
+                                  checkpoint=str(checkpoint), seconds=seconds)
+
+    # --- scoring (worker thread) -------------------------------------------------------------------
+    @staticmethod
+    def score_batch(jobs: Sequence[ScoreJob]) -> list[Ranking]:
+        """Jobs of one model share a forward pass. Around a reload a batch can hold jobs of the old
+        and the new model: each model scores its own, never mixed in one pass."""
+        rankings: list[Ranking | None] = [None] * len(jobs)
+        by_model: dict[ServedModel, list[int]] = {}
+        for i, job in enumerate(jobs):
+            by_model.setdefault(job.model, []).append(i)
+        for model, indices in by_model.items():
+            for i, ranking in zip(indices, model.score([jobs[i] for i in indices])):
+                rankings[i] = ranking
+        return rankings
 
     # --- requests ----------------------------------------------------------------------------------
-    async def recommend(self, requests: Sequence[RecommendRequest]) -> list[RecommendResponse]:
+    async def recommend(self, requests: Sequence[RecommendQuery]) -> list[RecommendResponse]:
         try:
             return await asyncio.wait_for(self._recommend(requests), self.settings.request_timeout_s)
         except asyncio.TimeoutError:
             raise RequestTimeout(f"no recommendation within {self.settings.request_timeout_s:g} s "
                                  "(CLLM4REC_REQUEST_TIMEOUT_S)") from None
 
-    async def _recommend(self, requests: Sequence[RecommendRequest]) -> list[RecommendResponse]:
+    async def _recommend(self, requests: Sequence[RecommendQuery]) -> list[RecommendResponse]:
+        model = self.model  # the whole request is answered by one model, even if a reload swaps it meanwhile
         histories: list[Sequence[str] | None] = [r.history for r in requests]
         stored = [i for i, r in enumerate(requests) if r.history is None]
         if stored:  # one store round trip for every user whose history is needed
@@ -118,7 +220,7 @@ class Engine:
         step = self.settings.max_batch_size
         for start in range(0, len(requests), step):
             chunk = range(start, min(start + step, len(requests)))
-            results = await asyncio.gather(*(self.recommend_one(requests[i], histories[i]) for i in chunk),
+            results = await asyncio.gather(*(self.recommend_one(model, requests[i], histories[i]) for i in chunk),
                                            return_exceptions=True)  # all settle before a failure is raised
             for error in results:
                 if isinstance(error, BaseException):
@@ -127,39 +229,51 @@ class Engine:
                 responses[i] = response
         return responses
 
-    async def recommend_one(self, request: RecommendRequest, history: Sequence[str]) -> RecommendResponse:
-        item_index = self.recommender.item_index
+    async def recommend_one(self, model: ServedModel, request: RecommendQuery,
+                            history: Sequence[str]) -> RecommendResponse:
+        recommender = model.recommender
+        item_index = recommender.item_index
         known = [item_index[item_id] for item_id in history if item_id in item_index]
         unknown = list(dict.fromkeys(item_id for item_id in history if item_id not in item_index))
         seen = sorted(set(known)) if request.exclude_seen else []
-        user = self.recommender.user_index.get(request.user_id)
+        user = recommender.user_index.get(request.user_id)
         fallback = None
         if user is None:
             metrics.cold_start.inc()
         if user is None and not known:
             metrics.fallback.inc()
             fallback = "most_popular"
-            scores = self.popularity.clone()
+            scores = model.popularity.clone()
             scores[seen] = -torch.inf
             items, values = top_k(scores[None], [request.k])[0]
         else:
             recent_unique = list(dict.fromkeys(reversed(known)))[::-1]  # repeats dropped, latest occurrence kept
-            items, values = await self.batcher.submit(self.job(user, recent_unique, seen, request.k))
-        item_ids = self.recommender.checkpoint.item_ids
+            items, values = await self.batcher.submit(model.job(user, recent_unique, seen, request.k))
+        item_ids = recommender.checkpoint.item_ids
         return RecommendResponse(
             user_id=request.user_id,
-            items=[RecommendedItem(item_id=item_ids[i], score=s, title=self.titles[i]) for i, s in zip(items, values)],
-            model_version=self.model_version,
+            items=[RecommendedItem(item_id=item_ids[i], score=s, title=model.titles[i]) for i, s in zip(items, values)],
+            model_version=model.version,
             cold_start=user is None,
             fallback=fallback,
             unknown_item_ids=unknown,
         )
 
     async def add_interactions(self, user_id: str, item_ids: Sequence[str]) -> InteractionsResponse:
+        """Answers only once the store has acknowledged the write (Redis: the MULTI's EXEC reply);
+        any failure or timeout raises HistoryStoreUnavailable (503), so an answered 200 is stored."""
         length = await self.store.append(user_id, item_ids)
-        item_index = self.recommender.item_index
+        item_index = self.model.recommender.item_index
         unknown = list(dict.fromkeys(item_id for item_id in item_ids if item_id not in item_index))
         return InteractionsResponse(user_id=user_id, history_length=length, unknown_item_ids=unknown)
+
+
+def load_and_warm_up(checkpoint: Path, device_setting: str) -> ServedModel:
+    """A new model that has scored one prompt (so its first request pays no lazy initialisation).
+    Runs in a thread of its own, beside the forward passes of the model that is serving."""
+    model = ServedModel.load(checkpoint, device_setting)
+    model.score([model.warm_up_job()])
+    return model
 
 
 def top_k(scores: torch.Tensor, ks: Sequence[int]) -> list[Ranking]:

@@ -21,6 +21,7 @@ HistoryStoreUnavailable (503) within CLLM4REC_REDIS_TIMEOUT_S, never a hanging r
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -31,6 +32,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from service import metrics
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -187,6 +190,20 @@ def checkpoint_histories(checkpoint) -> Iterable[tuple[str, list[str]]]:
     item_ids = checkpoint.item_ids
     for user_id, items in zip(checkpoint.user_ids, checkpoint.split.train):
         yield user_id, [item_ids[i] for i in items.tolist()]
+
+
+async def seed_from_checkpoint(store: HistoryStore, checkpoint) -> None:
+    """Copy the checkpoint's training histories in, unless this checkpoint's are there already.
+    Never raises for an unreachable store: serving goes on, and the server tries again later."""
+    try:
+        if await store.seeded_version() == checkpoint.model_version:
+            return
+        started = time.perf_counter()
+        written = await store.seed(checkpoint_histories(checkpoint), checkpoint.model_version)
+        log.info("history store seeded from %s: %d users written (users with a history kept theirs) in %.1f s",
+                 checkpoint.path, written, time.perf_counter() - started)
+    except HistoryStoreUnavailable as e:
+        log.warning("history store not seeded yet (will retry): %s", e)
 
 
 def open_history_store(redis_url: str | None, key_prefix: str, max_length: int, timeout_s: float) -> HistoryStore:

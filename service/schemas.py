@@ -1,24 +1,47 @@
 """Request and response bodies of the HTTP API, with the examples the OpenAPI schema shows.
 
-User and item ids are opaque strings; UserId and ItemId are the one place their rules live.
+User and item ids are opaque strings; the id rule (ID_PATTERN, check_id) and the request models
+are the one place their rules live. The request models are built per app by request_models(settings),
+so the limits they enforce (CLLM4REC_MAX_*) are the ones the OpenAPI schema states.
 """
 
-from __future__ import annotations
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
 
-from typing import Annotated, Literal
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+if TYPE_CHECKING:
+    from service.settings import Settings
 
-MAX_ID_LENGTH = 256
-MAX_K = 1000
 DEFAULT_K = 20
-MAX_ITEMS_PER_REQUEST = 10_000  # history items in a request body, or events in one POST /interactions
-MAX_USERS_PER_BATCH = 1000
 
-UserId = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_LENGTH), Field(examples=["u42"])]
-ItemId = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_LENGTH), Field(examples=["i7"])]
-K = Annotated[int, Field(ge=1, le=MAX_K, description="how many items to return (fewer when the catalogue, less "
-                         "the excluded items, is smaller)")]
+# Ids are printable: none of these characters may appear in one. ASCII control characters and the
+# space; DEL, the C1 controls and the no-break space; the soft hyphen; Unicode spaces and invisible
+# format characters (zero-width, bidirectional marks and overrides, word joiners, BOM), which make
+# ids that look alike but differ, or reorder log lines.
+FORBIDDEN_ID_CHARACTERS = (r"\x00-\x20\x7f-\xa0\xad\u1680\u180e\u2000-\u200f\u2028-\u202f\u205f-\u206f"
+                           r"\u3000\ufeff")
+# The patterns the OpenAPI schema states. check_id also refuses lone UTF-16 surrogates (JSON can
+# escape them, UTF-8 and so Redis keys cannot hold them); they are left out of the patterns because
+# a JSON Schema regex works on UTF-16 code units, where every emoji is a surrogate pair.
+ID_PATTERN = rf"^[^{FORBIDDEN_ID_CHARACTERS}]+$"
+# In a URL path an id cannot hold "/" either (GET /recommend/{user_id}; such ids use POST /recommend).
+PATH_ID_PATTERN = rf"^[^/{FORBIDDEN_ID_CHARACTERS}]+$"
+_FORBIDDEN = re.compile(f"[{FORBIDDEN_ID_CHARACTERS}\\ud800-\\udfff]")
+
+
+def check_id(value: str) -> str:
+    """The id rule with a message that says which character is refused (a pattern error would only
+    repeat the pattern)."""
+    found = _FORBIDDEN.search(value)
+    if found:
+        raise ValueError(f"ids must not contain whitespace, control, invisible or surrogate characters: "
+                         f"{ascii(found.group())} at position {found.start()}")
+    return value
+
+
+K_DESCRIPTION = "how many items to return (fewer when the catalogue, less the excluded items, is smaller)"
 ExcludeSeen = Annotated[bool, Field(description="leave out the items of the user's history")]
 
 
@@ -26,18 +49,63 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a misspelled field is a 422, not silently ignored
 
 
-class RecommendRequest(Strict):
-    model_config = ConfigDict(json_schema_extra={"examples": [
-        {"user_id": "u42", "k": 10},
-        {"user_id": "new-visitor-1", "k": 5, "history": ["i3", "i17"]},
-    ]})
+class RecommendQuery(Protocol):
+    """What the engine reads of a recommendation request (the per-app RecommendRequest model)."""
 
-    user_id: UserId
-    k: K = DEFAULT_K
-    exclude_seen: ExcludeSeen = True
-    history: list[ItemId] | None = Field(
-        None, max_length=MAX_ITEMS_PER_REQUEST,
-        description="item ids, oldest first, used instead of the stored history (the store is not read)")
+    user_id: str
+    k: int
+    exclude_seen: bool
+    history: list[str] | None
+
+
+@dataclass(frozen=True)
+class RequestModels:
+    """The request bodies and parameter types of one app, limited by its settings."""
+
+    user_id_path: Any  # the user id as a URL path segment
+    k: Any
+    recommend: type[BaseModel]
+    batch: type[BaseModel]
+    interactions: type[BaseModel]
+
+
+def request_models(settings: "Settings") -> RequestModels:
+    def id_type(pattern: str, example: str) -> Any:
+        return Annotated[str, StringConstraints(min_length=1, max_length=settings.max_id_length),
+                         AfterValidator(check_id), Field(json_schema_extra={"pattern": pattern}, examples=[example])]
+
+    UserId, ItemId = id_type(ID_PATTERN, "u42"), id_type(ID_PATTERN, "i7")
+    K = Annotated[int, Field(ge=1, le=settings.max_k, description=K_DESCRIPTION)]
+
+    class RecommendRequest(Strict):
+        model_config = ConfigDict(json_schema_extra={"examples": [
+            {"user_id": "u42", "k": 10},
+            {"user_id": "new-visitor-1", "k": 5, "history": ["i3", "i17"]},
+        ]})
+
+        user_id: UserId
+        k: K = DEFAULT_K
+        exclude_seen: ExcludeSeen = True
+        history: list[ItemId] | None = Field(
+            None, max_length=settings.max_history_items,
+            description="item ids, oldest first, used instead of the stored history (the store is not read)")
+
+    class BatchRecommendRequest(Strict):
+        model_config = ConfigDict(json_schema_extra={"examples": [
+            {"requests": [{"user_id": "u1", "k": 5}, {"user_id": "u2", "k": 5, "exclude_seen": False}]},
+        ]})
+
+        requests: list[RecommendRequest] = Field(min_length=1, max_length=settings.max_batch_users)
+
+    class InteractionsRequest(Strict):
+        model_config = ConfigDict(json_schema_extra={"examples": [{"user_id": "u42", "item_ids": ["i5", "i9"]}]})
+
+        user_id: UserId
+        item_ids: list[ItemId] = Field(min_length=1, max_length=settings.max_history_items,
+                                       description="items the user interacted with, oldest first")
+
+    return RequestModels(user_id_path=id_type(PATH_ID_PATTERN, "u42"), k=K, recommend=RecommendRequest,
+                         batch=BatchRecommendRequest, interactions=InteractionsRequest)
 
 
 class RecommendedItem(BaseModel):
@@ -68,24 +136,8 @@ class RecommendResponse(BaseModel):
     unknown_item_ids: list[str] = Field(description="history item ids the model does not know; they were skipped")
 
 
-class BatchRecommendRequest(Strict):
-    model_config = ConfigDict(json_schema_extra={"examples": [
-        {"requests": [{"user_id": "u1", "k": 5}, {"user_id": "u2", "k": 5, "exclude_seen": False}]},
-    ]})
-
-    requests: list[RecommendRequest] = Field(min_length=1, max_length=MAX_USERS_PER_BATCH)
-
-
 class BatchRecommendResponse(BaseModel):
     results: list[RecommendResponse] = Field(description="one per request, in the same order")
-
-
-class InteractionsRequest(Strict):
-    model_config = ConfigDict(json_schema_extra={"examples": [{"user_id": "u42", "item_ids": ["i5", "i9"]}]})
-
-    user_id: UserId
-    item_ids: list[ItemId] = Field(min_length=1, max_length=MAX_ITEMS_PER_REQUEST,
-                                   description="items the user interacted with, oldest first")
 
 
 class InteractionsResponse(BaseModel):
@@ -122,7 +174,30 @@ def error(description: str) -> dict:
     return {"model": ErrorResponse, "description": description}
 
 
-# Error answers of the routes that read the model or the store, for the OpenAPI schema.
+class ReloadRequest(Strict):
+    model_config = ConfigDict(json_schema_extra={"examples": [{}, {"checkpoint": "/checkpoints/2025-02-01"}]})
+
+    checkpoint: Annotated[str, StringConstraints(min_length=1, max_length=4096, pattern=r"^[^\x00]+$")] | None = Field(
+        None, description="checkpoint directory on the server; default: the configured one (CLLM4REC_CHECKPOINT)")
+
+
+class ReloadResponse(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "model_version": "20250201-9c0e61a2b4d3", "previous_model_version": "20250101-3f2a9c1d0b7e",
+        "checkpoint": "/checkpoints/2025-02-01", "seconds": 4.2}]})
+
+    model_version: str = Field(description="the model now serving")
+    previous_model_version: str
+    checkpoint: str
+    seconds: float = Field(description="loading, warm-up and swap")
+
+
+# Error answers for the OpenAPI schema, merged into each route's `responses`.
+UNAUTHORIZED = {401: error("the API key is missing or wrong (CLLM4REC_API_KEY), with `WWW-Authenticate: Bearer`")}
+BODY_TOO_LARGE = {413: error("the request body is larger than CLLM4REC_MAX_BODY_BYTES")}
+BODY_UNREADABLE = {400: error("the body could not be parsed at all (not UTF-8, or nested too deeply)")}
 STORE_UNAVAILABLE = {503: error("the history store (Redis) is unreachable, or the request queue is full "
                                 "(then with Retry-After)")}
 RECOMMEND_ERRORS = {**STORE_UNAVAILABLE, 504: error("no answer within CLLM4REC_REQUEST_TIMEOUT_S")}
+RELOAD_FAILED = {400: error("the checkpoint could not be loaded or warmed up, and the previous model keeps "
+                            "serving; or the body could not be parsed at all")}

@@ -5,6 +5,7 @@ redis-server of a test's own. (A module of its own name, not conftest: test modu
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import socket
 import subprocess
@@ -20,7 +21,7 @@ import torch
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
-from model.checkpoint import Recommender
+from model.checkpoint import EMBEDDINGS_FILE, META_FILE, Recommender, read_checkpoint, save_tensors, sha256_file
 from model.cllm4rec import score_prompts
 from model.prompts import build_recommend_prompt
 from service.app import create_app
@@ -78,6 +79,31 @@ def running_server(settings: Settings, server_class=uvicorn.Server):
 SERVER_THREADS = 1  # the test servers' torch threads; the offline scorer uses as many (same float sums)
 
 
+def slow_down(server: RunningServer, seconds: float) -> None:
+    """Every forward pass of the server takes `seconds` longer (a stand-in for a big model)."""
+    batcher = server.engine.batcher
+    run_batch = batcher.run_batch
+
+    def slow(jobs):
+        time.sleep(seconds)
+        return run_batch(jobs)
+    batcher.run_batch = slow
+
+
+def wait_ready(url: str, process: subprocess.Popen, timeout_s: float) -> None:
+    """Until /readyz of a server process answers 200; fails if the process exits first."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert process.poll() is None, f"the server exited with {process.returncode}"
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "the server did not become ready"
+        time.sleep(0.2)
+
+
 def server_settings(checkpoint: Path, **overrides) -> Settings:
     """Settings for a test server; the environment of the machine running the tests is ignored."""
     defaults = dict(checkpoint=checkpoint, torch_threads=SERVER_THREADS, redis_url=None, max_wait_ms=0.0)
@@ -107,6 +133,19 @@ def offline_ranking(offline: Recommender, user: int | None, history: list[int], 
     return [offline.checkpoint.item_ids[i] for i in indices.tolist()], values.tolist()
 
 
+def variant_checkpoint(source: Path, target: Path, scale: float) -> str:
+    """A copy of a checkpoint with its token embeddings scaled: another valid model (other scores,
+    another model_version) for reload tests, without training one. Returns its model_version."""
+    shutil.copytree(source, target)
+    tables = {name: tensor * scale for name, tensor in read_checkpoint(source).embeddings.items()}
+    save_tensors(target / EMBEDDINGS_FILE, tables)
+    meta = json.loads((target / META_FILE).read_text())
+    meta["files"][EMBEDDINGS_FILE] = sha256_file(target / EMBEDDINGS_FILE)
+    meta["model_version"] = f"variant-{scale:g}-{meta['files'][EMBEDDINGS_FILE][:8]}"
+    (target / META_FILE).write_text(json.dumps(meta))
+    return meta["model_version"]
+
+
 def redis_or_fail() -> redis.Redis:
     client = redis.Redis.from_url(REDIS_URL, decode_responses=True)
     try:
@@ -123,11 +162,14 @@ def free_port() -> int:
 
 
 class OwnRedis:
-    """A redis-server of the test's own (never the shared one), to stop and start at will."""
+    """A redis-server of the test's own (never the shared one), to stop, crash and start at will.
+    persistent: an append-only file fsynced on every write, so a restart, even after a crash, keeps
+    every write Redis has acknowledged."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, persistent: bool = False):
         self.port = free_port()
         self.directory = directory
+        self.persistent = persistent
         self.process: subprocess.Popen | None = None
 
     @property
@@ -135,16 +177,17 @@ class OwnRedis:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
+        persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else ["--appendonly", "no"]
         self.process = subprocess.Popen(
             [shutil.which("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.directory)], stdout=subprocess.DEVNULL)
+             *persistence, "--dir", str(self.directory)], stdout=subprocess.DEVNULL)
         client = redis.Redis(port=self.port)
         deadline = time.monotonic() + 10
         while True:
             try:
                 client.ping()
                 break
-            except redis.ConnectionError:
+            except (redis.ConnectionError, redis.BusyLoadingError):
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
@@ -156,4 +199,9 @@ class OwnRedis:
             self.process.wait(10)
             self.process = None
 
-
+    def crash(self) -> None:
+        """SIGKILL: no shutdown, nothing flushed beyond what was already on disk."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(10)
+            self.process = None

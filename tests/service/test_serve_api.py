@@ -7,8 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from service.schemas import MAX_K
+from service.settings import Settings
 from serving_helpers import metric_value, offline_ranking, running_server, server_settings
+
+
+MAX_K = Settings.model_fields["max_k"].default
 
 
 @pytest.fixture(scope="module")
@@ -200,11 +203,13 @@ def test_openapi_schema_is_complete(client):
     schema = client.get("/openapi.json").json()
     paths = schema["paths"]
     expected = {("/healthz", "get"), ("/readyz", "get"), ("/metrics", "get"), ("/recommend", "post"),
-                ("/recommend/{user_id}", "get"), ("/recommend/batch", "post"), ("/interactions", "post")}
+                ("/recommend/{user_id}", "get"), ("/recommend/batch", "post"), ("/interactions", "post"),
+                ("/admin/reload", "post")}
     assert {(p, m) for p, ops in paths.items() for m in ops} == expected
     components = schema["components"]["schemas"]
     for name in ("RecommendRequest", "RecommendResponse", "BatchRecommendRequest", "InteractionsRequest",
                  "InteractionsResponse", "Readiness"):
         assert components[name].get("examples"), name
-    assert "503" in paths["/recommend"]["post"]["responses"]
-    assert "422" in paths["/interactions"]["post"]["responses"]
+    assert {"401", "413", "422", "503", "504"} <= set(paths["/recommend"]["post"]["responses"])
+    assert {"401", "413", "422", "503"} <= set(paths["/interactions"]["post"]["responses"])
+    assert {"400", "401", "413", "422"} <= set(paths["/admin/reload"]["post"]["responses"])

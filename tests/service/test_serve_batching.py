@@ -12,20 +12,9 @@ import httpx
 import numpy as np
 import pytest
 
-from serving_helpers import metric_value, offline_ranking, running_server, server_settings, start_server
+from serving_helpers import metric_value, offline_ranking, running_server, server_settings, slow_down, start_server
 from service.app import begin_shutdown
 from service.cli import Server
-
-
-def slow_down(server, seconds: float) -> None:
-    """Every forward pass of the server takes `seconds` longer (a stand-in for a big model)."""
-    batcher = server.engine.batcher
-    run_batch = batcher.run_batch
-
-    def slow(jobs):
-        time.sleep(seconds)
-        return run_batch(jobs)
-    batcher.run_batch = slow
 
 
 async def post_all(url: str, bodies: list[dict]) -> list[httpx.Response]:

@@ -1,0 +1,111 @@
+"""The API key over real HTTP: writes need it once it is set, reads only with AUTH_READS, probes and
+the scrape endpoint never; 401 with WWW-Authenticate; constant-time comparison; the key never shows."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+
+import pytest
+from pydantic import ValidationError
+
+from service import dependencies
+from service.settings import Settings
+from serving_helpers import metric_value, running_server, server_settings
+
+KEY = "k3y-for-the-tests-0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def user_id(offline) -> str:
+    return offline.checkpoint.user_ids[0]
+
+
+def reads(user_id: str) -> list[tuple[str, str, dict | None]]:
+    return [("post", "/recommend", {"user_id": user_id, "k": 3}), ("get", f"/recommend/{user_id}?k=3", None),
+            ("post", "/recommend/batch", {"requests": [{"user_id": user_id, "k": 3}]})]
+
+
+def writes(user_id: str) -> list[tuple[str, str, dict | None]]:
+    # A reload with a path that does not exist: authorised, it is a 400 that leaves the model alone.
+    return [("post", "/interactions", {"user_id": user_id, "item_ids": ["i1"]}),
+            ("post", "/admin/reload", {"checkpoint": "/no/such/checkpoint"})]
+
+
+PROBES = ["/healthz", "/readyz", "/metrics"]
+
+
+def call(client, method, path, body, headers=None):
+    return client.request(method, path, json=body, headers=headers)
+
+
+def assert_unauthorized(response, message: str) -> None:
+    assert response.status_code == 401, response.text
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert message in response.json()["detail"]
+
+
+def test_writes_need_the_key_reads_and_probes_do_not(tiny_checkpoint, user_id, caplog):
+    caplog.set_level(logging.DEBUG)
+    with running_server(server_settings(tiny_checkpoint, api_key=KEY)) as server, server.client() as client:
+        unauthorized_before = metric_value(client.get("/metrics").text, "cllm4rec_errors_total", kind="unauthorized")
+        for method, path, body in writes(user_id):
+            assert_unauthorized(call(client, method, path, body), "Authorization: Bearer KEY")
+            assert_unauthorized(call(client, method, path, body, {"Authorization": "Bearer not-the-key"}),
+                                "wrong API key")
+            assert_unauthorized(call(client, method, path, body, {"X-API-Key": KEY[:-1]}), "wrong API key")
+            # another scheme is not a bearer token: as if no key was sent
+            basic = {"Authorization": f"Basic {KEY}"}
+            assert_unauthorized(call(client, method, path, body, basic), "needs the API key")
+            expected = 200 if path == "/interactions" else 400
+            assert call(client, method, path, body, {"Authorization": f"Bearer {KEY}"}).status_code == expected
+            assert call(client, method, path, body, {"X-API-Key": KEY}).status_code == expected
+        for method, path, body in reads(user_id):
+            assert call(client, method, path, body).status_code == 200, path
+        for path in PROBES:
+            assert client.get(path).status_code == 200, path
+        text = client.get("/metrics").text
+        assert metric_value(text, "cllm4rec_errors_total", kind="unauthorized") == unauthorized_before + 8
+        assert KEY not in text and KEY not in client.get("/openapi.json").text
+    assert KEY not in caplog.text
+    assert "API key required on writes" in caplog.text  # the start-up line says how access is set
+
+
+def test_auth_reads_puts_the_recommendations_behind_the_key_too(tiny_checkpoint, user_id):
+    settings = server_settings(tiny_checkpoint, api_key=KEY, auth_reads=True)
+    with running_server(settings) as server, server.client() as client:
+        for method, path, body in reads(user_id) + writes(user_id)[:1]:
+            assert_unauthorized(call(client, method, path, body), "needs the API key")
+            assert call(client, method, path, body, {"X-API-Key": KEY}).status_code == 200, path
+        for path in PROBES:  # probes and scrapers never need the key
+            assert client.get(path).status_code == 200, path
+
+
+def test_without_a_key_everything_is_open(tiny_checkpoint, user_id):
+    with running_server(server_settings(tiny_checkpoint, api_key="")) as server, server.client() as client:
+        assert server.app.state.settings.api_key is None  # empty means unset
+        for method, path, body in reads(user_id) + writes(user_id)[:1]:
+            assert call(client, method, path, body).status_code == 200, path
+
+
+def test_the_key_is_compared_in_constant_time(monkeypatch):
+    """The check goes through hmac.compare_digest on fixed-length digests, whatever is offered."""
+    compared = []
+    compare_digest = hmac.compare_digest
+
+    def spy(a, b):
+        compared.append((len(a), len(b)))
+        return compare_digest(a, b)
+    monkeypatch.setattr(dependencies.hmac, "compare_digest", spy)
+    assert dependencies.keys_match(KEY, KEY)
+    assert not dependencies.keys_match("x", KEY)
+    assert not dependencies.keys_match(KEY + "-and-more", KEY)
+    assert compared == [(32, 32)] * 3
+
+
+@pytest.mark.parametrize("key", ["too-short", "sixteen chars w/ spaces", "ключ-ключ-ключ-ключ"])
+def test_weak_or_unsendable_keys_are_refused_without_echoing_them(key):
+    with pytest.raises(ValidationError) as error:
+        Settings(api_key=key)
+    assert "at least 16 printable ASCII characters" in str(error.value)
+    assert key not in str(error.value)
