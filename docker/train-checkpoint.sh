@@ -39,9 +39,9 @@ if [ "$data" = "--demo" ]; then
         echo "train-checkpoint: --demo takes no train options (it is the quickstart's model)" >&2
         exit 2
     fi
-    # `cllm4rec quickstart` without the serving: its data and training settings live in one place
+    # The quickstart's model without the serving: its data and training settings live in one place
     # (service/cli.py), and it resumes an interrupted run in $partial by itself.
-    python -c "import sys; from pathlib import Path; from service.cli import build_quickstart_checkpoint; build_quickstart_checkpoint(Path(sys.argv[1]))" "$partial"
+    cllm4rec quickstart --no-serve --dir "$partial"
     mv "$partial/checkpoint" "$final"
     rm -rf "$partial"
     echo "train-checkpoint: $final is ready"

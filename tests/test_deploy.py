@@ -157,6 +157,25 @@ def test_train_checkpoint_demo_is_the_quickstart_model_and_takes_no_options(tmp_
     assert list(tmp_path.iterdir()) == []
 
 
+def test_train_checkpoint_demo_builds_the_quickstart_model_without_serving(tmp_path):
+    """--demo runs `cllm4rec quickstart --no-serve` into the partial directory, then renames the
+    checkpoint into place. (A stand-in `cllm4rec` records the call: the real one trains SmolLM2.)"""
+    bin_dir, root = tmp_path / "bin", tmp_path / "root"
+    bin_dir.mkdir()
+    root.mkdir()
+    stand_in = bin_dir / "cllm4rec"
+    stand_in.write_text('#!/bin/sh\necho "$@" > "$CALLS"\n'
+                        'while [ "$#" -gt 0 ]; do [ "$1" = "--dir" ] && dir="$2"; shift; done\n'
+                        'mkdir -p "$dir/checkpoint" && touch "$dir/checkpoint/checkpoint.json"\n')
+    stand_in.chmod(0o755)
+    env = clean_env(CLLM4REC_CHECKPOINTS_ROOT=str(root), CALLS=str(tmp_path / "calls"))
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    run("sh", TRAIN_CHECKPOINT, "demo", "--demo", env=env)
+    partial = root / ".demo.partial"
+    assert (tmp_path / "calls").read_text().split() == ["quickstart", "--no-serve", "--dir", str(partial)]
+    assert sorted(p.name for p in root.iterdir()) == ["demo"] and (root / "demo" / "checkpoint.json").exists()
+
+
 def test_train_checkpoint_fails_when_training_fails(tmp_path):
     result = train_checkpoint(tmp_path, "broken", tmp_path / "no-such-dataset")
     assert result.returncode != 0
@@ -362,6 +381,9 @@ def test_api_deployment_probes_drain_and_resources(overlay):
     assert mounts_["/checkpoints"]["readOnly"] is True and "/tmp" in mounts_
     assert settings["data"]["CLLM4REC_CHECKPOINT"].startswith("/checkpoints/")
     assert pod["initContainers"][0]["name"] == "wait-for-checkpoint"
+    # The API key comes from a Secret when there is one; without it the pods still start (no key).
+    api_key = next(e for e in api["env"] if e["name"] == "CLLM4REC_API_KEY")
+    assert api_key["valueFrom"]["secretKeyRef"]["optional"] is True
 
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
@@ -606,11 +628,11 @@ class PrometheusProcess:
         self.log.close()
 
 
-def send_traffic(url: str, user_ids: list[str], item_ids: list[str], rounds: int) -> dict[str, int]:
+def send_traffic(url: str, user_ids: list[str], item_ids: list[str], rounds: int, api_key: str) -> dict[str, int]:
     """Every API endpoint, a bounded number of times, spread over a few scrapes; the count of 200s
     per endpoint template."""
     sent = {"/recommend": 0, "/recommend/{user_id}": 0, "/recommend/batch": 0, "/interactions": 0}
-    with httpx.Client(base_url=url, timeout=30) as client:
+    with httpx.Client(base_url=url, timeout=30, headers={"Authorization": f"Bearer {api_key}"}) as client:
         # First, one of each outcome the dashboard shows besides plain successes, so that their
         # series have been scraped a few times by the end (a rate needs two samples).
         assert client.post("/recommend", json={"user_id": user_ids[0], "k": 0}).status_code == 422
@@ -636,14 +658,17 @@ def send_traffic(url: str, user_ids: list[str], item_ids: list[str], rounds: int
 
 
 def test_prometheus_scrapes_the_server_and_answers_latency_quantiles(tiny_checkpoint, tmp_path):
+    """With an API key on every API endpoint, Prometheus still scrapes /metrics without one."""
     checkpoint = read_checkpoint(tiny_checkpoint)
-    server = ServerProcess(tiny_checkpoint, tmp_path)
+    api_key = "prometheus-test-key-0123456789"
+    server = ServerProcess(tiny_checkpoint, tmp_path, api_key=api_key, auth_reads="true")
     prometheus = None
     try:
+        assert httpx.post(server.url + "/recommend", json={"user_id": checkpoint.user_ids[0]}).status_code == 401
         prometheus = PrometheusProcess(tmp_path, f"127.0.0.1:{server.port}")
         # A first scrape before the traffic, so the rate windows below see the counters grow.
         prometheus.wait_for(lambda: prometheus.query('up{job="cllm4rec"} == 1'), "scraping the server")
-        sent = send_traffic(server.url, checkpoint.user_ids, checkpoint.item_ids, rounds=40)
+        sent = send_traffic(server.url, checkpoint.user_ids, checkpoint.item_ids, rounds=40, api_key=api_key)
 
         # The counters Prometheus holds equal what was sent, endpoint by endpoint: the labels are the
         # route templates and status codes the dashboard filters on.
