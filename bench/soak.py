@@ -32,6 +32,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
@@ -61,66 +62,126 @@ class SoakResult:
                 "ok_per_s": round(self.ok / self.duration_s, 1), "send_lag_ms": round(self.send_lag_s * MS, 1)}
 
 
+class Connections:
+    """Keep-alive HTTP/1.1 connections to one server, and POST over them: a minimal client whose cost
+    per request is a fraction of httpx's, so that a generator sharing the server's CPUs can still
+    send faster than the server answers (with httpx, the generator itself was the bottleneck)."""
+
+    # Reused only this long after their last response: the server closes a keep-alive connection idle
+    # for 5 s (uvicorn's default), and a request sent on it as it closes would be lost.
+    REUSE_WITHIN_S = 2.0
+
+    def __init__(self, url: str):
+        parsed = urlsplit(url)
+        self.host, self.port = parsed.hostname, parsed.port
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = []  # (..., idle since)
+
+    async def connection(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        now = asyncio.get_running_loop().time()
+        while self.idle:
+            reader, writer, since = self.idle.pop()
+            if now - since < self.REUSE_WITHIN_S and not reader.at_eof():
+                return reader, writer
+            writer.close()
+        return await asyncio.open_connection(self.host, self.port)
+
+    async def post(self, path: str, body: bytes) -> int:
+        """The response's status code; raises OSError or asyncio.IncompleteReadError."""
+        reader, writer = await self.connection()
+        try:
+            writer.write(b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (path.encode(), self.host.encode(), len(body), body))
+            status = int((await reader.readline()).split()[1])
+            length, close = 0, False
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                name, _, value = line.partition(b":")
+                name, value = name.strip().lower(), value.strip().lower()
+                if name == b"content-length":
+                    length = int(value)
+                elif name == b"connection":
+                    close = value == b"close"
+            await reader.readexactly(length)
+        except BaseException:
+            writer.close()
+            raise
+        if close:
+            writer.close()
+        else:
+            self.idle.append((reader, writer, asyncio.get_running_loop().time()))
+        return status
+
+    def close(self) -> None:
+        for _, writer, _ in self.idle:
+            writer.close()
+        self.idle.clear()
+
+
 async def open_loop(url: str, bodies: list[dict], rate: float, duration_s: float, max_requests: int,
                     timeout_s: float = 30.0) -> SoakResult:
-    """min(rate x duration, max_requests) POST /recommend, request i sent at i / rate seconds."""
+    """min(rate x duration, max_requests) POST /recommend, request i sent at i / rate seconds. Every
+    request that finds no idle connection opens one, so none waits in the client for another."""
     result = SoakResult()
     n = min(max_requests, int(rate * duration_s))
+    payloads = [json.dumps(body).encode() for body in bodies]
+    connections = Connections(url)
     loop = asyncio.get_running_loop()
 
-    async def one(client: httpx.AsyncClient, body: dict) -> None:
+    async def one(payload: bytes) -> None:
         started = loop.time()
         try:
-            response = await client.post("/recommend", json=body)
-        except httpx.HTTPError as e:
+            status = await asyncio.wait_for(connections.post("/recommend", payload), timeout_s)
+        except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError, IndexError) as e:
             result.failed += 1
             result.failures[type(e).__name__] += 1
             return
-        if response.status_code == 200:
+        if status == 200:
             result.ok += 1
             result.accepted_latencies_s.append(loop.time() - started)
-        elif response.status_code == 503:
+        elif status == 503:
             result.shed += 1
         else:
             result.failed += 1
-            result.failures[str(response.status_code)] += 1
+            result.failures[str(status)] += 1
 
-    # No connection limit: a request never waits for a free connection in the client, so the server
-    # sees the arrival rate as scheduled.
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
-    async with httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits) as client:
-        tasks = []
-        start = loop.time()
+    tasks = []
+    start = loop.time()
+    try:
         for i in range(n):
             delay = start + i / rate - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
             else:
                 result.send_lag_s = max(result.send_lag_s, -delay)
-            tasks.append(asyncio.create_task(one(client, bodies[i % len(bodies)])))
+            tasks.append(asyncio.create_task(one(payloads[i % len(payloads)])))
             result.sent += 1
         await asyncio.gather(*tasks)
-        result.duration_s = loop.time() - start
+    finally:
+        connections.close()
+    result.duration_s = loop.time() - start
     return result
 
 
 async def closed_loop(url: str, bodies: list[dict], concurrency: int, duration_s: float) -> float:
     """Requests/s answered 200 with `concurrency` clients sending back to back: the capacity."""
     done = 0
+    payloads = [json.dumps(body).encode() for body in bodies]
+    connections = Connections(url)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + duration_s
 
-    async def client_loop(client: httpx.AsyncClient, offset: int) -> None:
+    async def client_loop(offset: int) -> None:
         nonlocal done
         i = offset
         while loop.time() < deadline:
-            response = await client.post("/recommend", json=bodies[i % len(bodies)])
-            done += response.status_code == 200
+            status = await connections.post("/recommend", payloads[i % len(payloads)])
+            done += status == 200  # after the await: `done += await ...` would read `done` before it
             i += concurrency
-    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
-        started = loop.time()
-        await asyncio.gather(*(client_loop(client, c) for c in range(concurrency)))
-        return done / (loop.time() - started)
+    started = loop.time()
+    try:
+        await asyncio.gather(*(client_loop(c) for c in range(concurrency)))
+    finally:
+        connections.close()
+    return done / (loop.time() - started)
 
 
 def rss_mib(pid: int) -> float:
@@ -161,7 +222,8 @@ def main() -> int:
     parser.add_argument("--queue-size", type=int, default=16, help="CLLM4REC_QUEUE_SIZE of the server")
     parser.add_argument("--max-batch-size", type=int, default=8, help="CLLM4REC_MAX_BATCH_SIZE of the server")
     parser.add_argument("--concurrency", type=int, default=16, help="clients of the capacity measurement")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of the server")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the server (1: a CPU is left for "
+                        "the server's event loop and this generator)")
     parser.add_argument("--port", type=int, default=8766)
     args = parser.parse_args()
 
