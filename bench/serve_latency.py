@@ -24,6 +24,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the server does (servi
 
 import argparse  # noqa: E402  (the imports below come after the environment is set)
 import asyncio
+import inspect
 import platform
 import signal
 import subprocess
@@ -124,8 +125,10 @@ def generate_items(recommender: Recommender, prompt: list[int], seen: list[int],
     device = recommender.device
     banned = torch.zeros(space.n_items, dtype=torch.bool, device=device)
     banned[seen] = True
-    out = model.backbone.base_model(inputs_embeds=model.embed(torch.tensor([prompt], device=device), COLLAB),
-                                    use_cache=True)
+    base = model.backbone.base_model
+    # The KV cache's name: `cache` in recent transformers, `past_key_values` before.
+    cache = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    out = base(inputs_embeds=model.embed(torch.tensor([prompt], device=device), COLLAB), use_cache=True)
     items = []
     for step in range(k):
         logits = model.item_logits(out.last_hidden_state[:, -1])[0].masked_fill(banned, -torch.inf)
@@ -135,8 +138,7 @@ def generate_items(recommender: Recommender, prompt: list[int], seen: list[int],
         if step == k - 1:
             break
         token = torch.tensor([[space.item_token(item)]], device=device)
-        out = model.backbone.base_model(inputs_embeds=model.embed(token, COLLAB), cache=out.cache,
-                                        use_cache=True)
+        out = base(inputs_embeds=model.embed(token, COLLAB), use_cache=True, **{cache: getattr(out, cache)})
     return items
 
 

@@ -2,8 +2,8 @@
 
     python bench/train_throughput.py --data ../shared/data/amazon-scientific --layers 30 8 4 2
 
-For each layer count: the collaborative, content and recommendation passes (forward + backward +
-Adam step, batches grouped by length as in training) and validation scoring (forward only), each
+For each layer count: the collaborative, content and recommendation passes (the trainer's own batches
+and step: forward, backward, Adam; bf16 autocast on CUDA) and validation scoring (forward only), each
 timed over --batches batches after one warm-up batch. Prints a table; docs/benchmarks.md records it.
 """
 
@@ -12,26 +12,30 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from model.backbone import DEFAULT_BACKBONE, load_backbone
-from model.cllm4rec import COLLAB, CONTENT, CLLM4Rec, collate_documents, collate_recommend, pad
+from model.cllm4rec import CLLM4Rec, pad
 from model.data import load_dataset, split_dataset
-from model.prompts import PromptTemplates, TokenSpace, build_content_documents, build_recommend_prompt
-from model.train import (TrainConfig, collaborative_documents, length_grouped_batches, make_optimizers,
-                         recommend_examples)
+from model.prompts import PromptTemplates, TokenSpace, build_recommend_prompt
+from model.train import Trainer, TrainConfig
 
 
 def time_batches(step, batches) -> float:
     """Tokens per second of step() over batches (the first batch is a warm-up and not counted)."""
     step(batches[0])
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
     tokens, start = 0, time.perf_counter()
     for batch in batches[1:]:
         step(batch)
         tokens += batch.n_tokens if hasattr(batch, "n_tokens") else int(batch[1].sum())
+    sync()
     return tokens / (time.perf_counter() - start)
 
 
@@ -47,55 +51,35 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"{platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}, {device}")
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"{args.threads} threads"
+    print(f"{platform.processor() or platform.machine()}, {where}, torch {torch.__version__}, {device}")
 
     dataset = load_dataset(args.data)
     split = split_dataset(dataset, seed=0)
     rng = np.random.default_rng(0)
-    config = TrainConfig(data=args.data, out="", finetune_targets="all")
+    config = TrainConfig(data=args.data, out="", batch_size=args.batch_size, max_text_tokens=args.max_text_tokens)
     rows = []
     for n_layers in args.layers:
         backbone, tokenizer = load_backbone(args.backbone, n_layers, device)
         model = CLLM4Rec(backbone, dataset.n_users, dataset.n_items).to(device)
         space = TokenSpace(tokenizer, model.n_words, dataset.n_users, dataset.n_items, PromptTemplates())
-        optimizers = {view: make_optimizers(model.tables(view), lr=1e-3) for view in (COLLAB, CONTENT)}
-
-        def train_step(view, loss_fn):
-            def step(batch):
-                moved = type(batch)(*[t.to(device) for t in vars(batch).values()])
-                loss = loss_fn(moved) + model.mutual_regularization(view, moved.users, moved.items)
-                for optimizer in optimizers[view]:
-                    optimizer.zero_grad()
-                (loss / len(moved.input_ids)).backward()
-                for optimizer in optimizers[view]:
-                    optimizer.step()
-            return step
-
-        def lm_batches(documents, offset):
-            lengths = [len(d.prompt) + len(d.main) for d in documents]
-            index = length_grouped_batches(lengths, args.batch_size, rng)[: args.batches + 1]
-            return [collate_documents([documents[i] for i in b], offset) for b in index]
-
+        # The trainer's own batches and step (bf16 autocast on CUDA, as in training).
+        trainer = Trainer(config, dataset, split, model, space, device, Path(tempfile.gettempdir()))
+        model.train()
         result = {"layers": n_layers}
-        collab = collaborative_documents(space, split, config.max_history, rng)
-        result["collaborative"] = time_batches(train_step(COLLAB, model.collaborative_nll),
-                                               lm_batches(collab, space.n_words + space.n_users))
-        content = build_content_documents(space, split.train_reviews(dataset), dataset.item_texts,
-                                          args.max_text_tokens)
-        if content:
-            result["content"] = time_batches(train_step(CONTENT, model.content_nll), lm_batches(content, 0))
-        examples = recommend_examples(space, split, config, rng)
-        index = length_grouped_batches([len(e[0]) for e in examples], args.batch_size, rng)[: args.batches + 1]
-        batches = [collate_recommend(*zip(*[examples[i] for i in b]), n_items=space.n_items) for b in index]
-        result["recommend"] = time_batches(train_step(COLLAB, model.recommend_nll), batches)
+        for name in ("collaborative", "content", "recommend"):
+            if name == "content" and not trainer.content_documents:
+                continue
+            batches = trainer.batches(name, rng)[: args.batches + 1]
+            result[name] = time_batches(lambda batch, name=name: trainer.train_step(name, batch), batches)
 
         prompts = [build_recommend_prompt(space, u, split.train[u].tolist(), config.max_history)
                    for u in range(dataset.n_users)]
         prompts.sort(key=len)
-        score_batches = [pad(prompts[i : i + 64]) for i in range(0, 64 * (args.batches + 1), 64)]
+        score_batches = [pad(prompts[i : i + 64]) for i in range(0, min(len(prompts), 64 * (args.batches + 1)), 64)]
 
         def score(batch):
-            with torch.no_grad():
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=trainer.amp):
                 model.prompt_item_logits(batch[0].to(device), batch[1].to(device))
         result["scoring"] = time_batches(score, score_batches)
         rows.append(result)

@@ -20,7 +20,7 @@ import logging
 import math
 import signal
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +39,8 @@ from model.prompts import (Document, PromptTemplates, TokenSpace, build_collabor
 
 log = logging.getLogger(__name__)
 STATE_DIR = "train_state"
+# Which view's user/item tables each pass trains (and whose optimizers step).
+PASS_VIEW = {"collaborative": COLLAB, "content": CONTENT, "recommend": COLLAB}
 
 
 @dataclass
@@ -169,10 +171,43 @@ class Trainer:
         pretrain = ["pretrain"] * c.pretrain_epochs
         return content + pretrain + ["finetune"] * c.finetune_epochs
 
-    # --- one pass over a list of batches -------------------------------------------------------
-    def run_pass(self, name: str, view: str, batches: Sequence, loss_fn: Callable, lr: float) -> dict:
-        optimizers = self.optimizers[view]
-        for optimizer in optimizers:
+    # --- the three passes: batches, one optimizer step, a pass over an epoch's batches -----------
+    def batches(self, name: str, rng: np.random.Generator) -> list:
+        """One epoch's batches of a pass, grouped by length (fresh item order and masks each epoch)."""
+        if name == "recommend":
+            examples = recommend_examples(self.space, self.split, self.config, rng)
+            return [collate_recommend(*zip(*[examples[i] for i in index]), n_items=self.space.n_items)
+                    for index in length_grouped_batches([len(e[0]) for e in examples], self.config.batch_size, rng)]
+        if name == "collaborative":
+            documents = collaborative_documents(self.space, self.split, self.config.max_history, rng)
+            label_offset = self.space.n_words + self.space.n_users
+        else:
+            documents, label_offset = self.content_documents, 0
+        lengths = [len(d.prompt) + len(d.main) for d in documents]
+        return [collate_documents([documents[i] for i in index], label_offset)
+                for index in length_grouped_batches(lengths, self.config.batch_size, rng)]
+
+    def train_step(self, name: str, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward (bf16 autocast on CUDA), backward and Adam on one batch; returns (nll, regularization)."""
+        view = PASS_VIEW[name]
+        nll_of = {"collaborative": self.model.collaborative_nll, "content": self.model.content_nll,
+                  "recommend": self.model.recommend_nll}[name]
+        moved = dataclasses.replace(batch, **{f.name: getattr(batch, f.name).to(self.device)
+                                              for f in dataclasses.fields(batch) if f.name not in ("users", "items")})
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+            nll = nll_of(moved)
+            reg = self.model.mutual_regularization(view, batch.users.to(self.device), batch.items.to(self.device))
+            loss = (nll + self.config.lambda_v * reg) / len(batch.input_ids)
+        for optimizer in self.optimizers[view]:
+            optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for optimizer in self.optimizers[view]:
+            optimizer.step()
+        return nll.detach(), reg.detach()
+
+    def run_pass(self, name: str, rng: np.random.Generator, lr: float) -> dict:
+        batches = self.batches(name, rng)
+        for optimizer in self.optimizers[PASS_VIEW[name]]:
             for group in optimizer.param_groups:
                 group["lr"] = lr
         self.model.train()
@@ -181,17 +216,9 @@ class Trainer:
         # Progress bars on a terminal only; logs get the one line per epoch that fit() prints.
         bar = tqdm(batches, desc=f"epoch {self.epoch + 1} {name}", leave=False, dynamic_ncols=True, disable=None)
         for batch in bar:
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
-                nll = loss_fn(batch)
-                reg = self.model.mutual_regularization(view, batch.users.to(self.device), batch.items.to(self.device))
-                loss = (nll + self.config.lambda_v * reg) / len(batch.input_ids)
-            for optimizer in optimizers:
-                optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            for optimizer in optimizers:
-                optimizer.step()
-            total_nll += float(nll.detach())
-            total_reg += float(reg.detach())
+            nll, reg = self.train_step(name, batch)
+            total_nll += float(nll)
+            total_reg += float(reg)
             total_targets += batch.n_targets
             total_tokens += batch.n_tokens
             elapsed = time.perf_counter() - start
@@ -206,47 +233,20 @@ class Trainer:
             "seconds": elapsed,
         }
 
-    def lm_batches(self, documents: list[Document], label_offset: int, rng: np.random.Generator):
-        lengths = [len(d.prompt) + len(d.main) for d in documents]
-        for index in length_grouped_batches(lengths, self.config.batch_size, rng):
-            yield collate_documents([documents[i] for i in index], label_offset)
-
-    def to_device(self, batch):
-        return dataclasses.replace(batch, **{f.name: getattr(batch, f.name).to(self.device)
-                                             for f in dataclasses.fields(batch) if f.name not in ("users", "items")})
-
-    def collaborative_pass(self, rng, lr) -> dict:
-        documents = collaborative_documents(self.space, self.split, self.config.max_history, rng)
-        batches = list(self.lm_batches(documents, self.space.n_words + self.space.n_users, rng))
-        return self.run_pass("collaborative", COLLAB, batches,
-                             lambda b: self.model.collaborative_nll(self.to_device(b)), lr)
-
-    def content_pass(self, rng, lr) -> dict:
-        batches = list(self.lm_batches(self.content_documents, 0, rng))
-        return self.run_pass("content", CONTENT, batches, lambda b: self.model.content_nll(self.to_device(b)), lr)
-
-    def recommend_pass(self, rng, lr) -> dict:
-        examples = recommend_examples(self.space, self.split, self.config, rng)
-        batches = []
-        for index in length_grouped_batches([len(e[0]) for e in examples], self.config.batch_size, rng):
-            chosen = [examples[i] for i in index]
-            batches.append(collate_recommend(*zip(*chosen), n_items=self.space.n_items))
-        return self.run_pass("recommend", COLLAB, batches, lambda b: self.model.recommend_nll(self.to_device(b)), lr)
-
     def run_epoch(self, stage: str) -> dict:
         c = self.config
         rng = np.random.default_rng([c.seed, 2, self.epoch])  # per epoch: a resumed run replays the same epochs
         passes = {}
         if stage == "content":
-            passes["content"] = self.content_pass(rng, c.pretrain_lr)
+            passes["content"] = self.run_pass("content", rng, c.pretrain_lr)
         elif stage == "pretrain":
-            passes["collaborative"] = self.collaborative_pass(rng, c.pretrain_lr)
+            passes["collaborative"] = self.run_pass("collaborative", rng, c.pretrain_lr)
             if self.content_documents:
-                passes["content"] = self.content_pass(rng, c.pretrain_lr)
+                passes["content"] = self.run_pass("content", rng, c.pretrain_lr)
         else:
-            passes["recommend"] = self.recommend_pass(rng, c.finetune_lr)
+            passes["recommend"] = self.run_pass("recommend", rng, c.finetune_lr)
             if self.content_documents and c.finetune_content:
-                passes["content"] = self.content_pass(rng, c.finetune_lr)
+                passes["content"] = self.run_pass("content", rng, c.finetune_lr)
         return passes
 
     def validate(self) -> dict:

@@ -71,7 +71,7 @@ async def lifespan(app: FastAPI):
     store = open_history_store(settings.redis_url, settings.redis_key_prefix, settings.history_max_length,
                                settings.redis_timeout_s)
     engine = Engine(app.state.preloaded or await asyncio.to_thread(ServedModel.load, settings.checkpoint,
-                                                                   settings.device), store, settings)
+                                                                   settings), store, settings)
     app.state.preloaded = None
     engine.start()
     seeding = None

@@ -109,7 +109,7 @@ def serve(settings: Settings, banner: str | None = None) -> int:
     logging.getLogger().setLevel(settings.log_level.upper())
     # Loaded before anything listens: a missing, corrupt or incompatible checkpoint (or backbone) is
     # one line naming the problem and exit status 2 (main), not a start-up traceback.
-    model = ServedModel.load(settings.checkpoint, settings.device)
+    model = ServedModel.load(settings.checkpoint, settings)
     app = create_app(settings, model)
     del model  # the app holds it; a reload must be able to free it
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,

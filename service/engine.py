@@ -56,6 +56,10 @@ class ReloadFailed(RuntimeError):
     still serves."""
 
 
+# CLLM4REC_DTYPE: None is load_recommender's default (float16 on CUDA, float32 on the CPU).
+MODEL_DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
 def model_device(setting: str) -> torch.device | None:
     """None: load_recommender's default (CUDA when available)."""
     if setting == "auto":
@@ -74,9 +78,9 @@ class ServedModel:
     popularity: torch.Tensor
 
     @classmethod
-    def load(cls, checkpoint: Path, device_setting: str) -> ServedModel:
+    def load(cls, checkpoint: Path, settings: Settings) -> ServedModel:
         """Raises CheckpointError, BackboneError or ConfigError saying what is wrong."""
-        recommender = load_recommender(checkpoint, model_device(device_setting))
+        recommender = load_recommender(checkpoint, model_device(settings.device), MODEL_DTYPES[settings.dtype])
         return cls(recommender, [title or None for title in recommender.checkpoint.item_titles],
                    torch.as_tensor(recommender.popularity, dtype=torch.float32))
 
@@ -166,7 +170,7 @@ class Engine:
             started = time.perf_counter()
             previous = self.model.version
             try:
-                model = await asyncio.to_thread(load_and_warm_up, checkpoint, self.settings.device)
+                model = await asyncio.to_thread(load_and_warm_up, checkpoint, self.settings)
             except (CheckpointError, BackboneError, ConfigError) as e:
                 metrics.reloads.labels("failed").inc()
                 raise ReloadFailed(f"reload of {checkpoint} failed, still serving {previous}: {e}") from e
@@ -268,10 +272,10 @@ class Engine:
         return InteractionsResponse(user_id=user_id, history_length=length, unknown_item_ids=unknown)
 
 
-def load_and_warm_up(checkpoint: Path, device_setting: str) -> ServedModel:
+def load_and_warm_up(checkpoint: Path, settings: Settings) -> ServedModel:
     """A new model that has scored one prompt (so its first request pays no lazy initialisation).
     Runs in a thread of its own, beside the forward passes of the model that is serving."""
-    model = ServedModel.load(checkpoint, device_setting)
+    model = ServedModel.load(checkpoint, settings)
     model.score([model.warm_up_job()])
     return model
 
