@@ -41,7 +41,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from model.checkpoint import Recommender, load_recommender
-from model.cllm4rec import COLLAB, score_prompts
+from model.cllm4rec import COLLAB, inference_autocast, score_prompts
 from model.prompts import build_recommend_prompt
 from service.engine import top_k
 
@@ -120,7 +120,8 @@ def bare_forward(recommender: Recommender, prompts: list[list[int]], seen: list[
 
 @torch.no_grad()
 def generate_items(recommender: Recommender, prompt: list[int], seen: list[int], k: int) -> list[int]:
-    """K items decoded one at a time: prompt pass, then one cached step per item fed back."""
+    """K items decoded one at a time: prompt pass, then one cached step per item fed back, in the
+    precision of the one-pass scoring."""
     model, space = recommender.model, recommender.space
     device = recommender.device
     banned = torch.zeros(space.n_items, dtype=torch.bool, device=device)
@@ -128,18 +129,18 @@ def generate_items(recommender: Recommender, prompt: list[int], seen: list[int],
     base = model.backbone.base_model
     # The KV cache's name: `cache` in recent transformers, `past_key_values` before.
     cache = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-    out = base(inputs_embeds=model.embed(torch.tensor([prompt], device=device), COLLAB), use_cache=True)
-    items = []
-    for step in range(k):
-        logits = model.item_logits(out.last_hidden_state[:, -1])[0].masked_fill(banned, -torch.inf)
-        item = int(logits.argmax())
-        items.append(item)
-        banned[item] = True
-        if step == k - 1:
-            break
-        token = torch.tensor([[space.item_token(item)]], device=device)
-        out = base(inputs_embeds=model.embed(token, COLLAB), use_cache=True, **{cache: getattr(out, cache)})
-    return items
+    items: list[int] = []
+    with inference_autocast(model):
+        out = base(inputs_embeds=model.embed(torch.tensor([prompt], device=device), COLLAB), use_cache=True)
+        while True:
+            logits = model.item_logits(out.last_hidden_state[:, -1])[0].masked_fill(banned, -torch.inf)
+            item = int(logits.argmax())
+            items.append(item)
+            banned[item] = True
+            if len(items) == k:
+                return items
+            token = torch.tensor([[space.item_token(item)]], device=device)
+            out = base(inputs_embeds=model.embed(token, COLLAB), use_cache=True, **{cache: getattr(out, cache)})
 
 
 # --- report ----------------------------------------------------------------------------------------

@@ -1,10 +1,12 @@
 """Tokens per second of each training stage, and of scoring, with a real backbone on a real dataset.
 
     python bench/train_throughput.py --data ../shared/data/amazon-scientific --layers 30 8 4 2
+    python bench/train_throughput.py --data ../shared/data/amazon-beauty --layers 30 --batch-size 32 128 512
 
-For each layer count: the collaborative, content and recommendation passes (the trainer's own batches
-and step: forward, backward, Adam; bf16 autocast on CUDA) and validation scoring (forward only), each
-timed over --batches batches after one warm-up batch. Prints a table; docs/benchmarks.md records it.
+For each layer count and batch size: the collaborative, content and recommendation passes (the
+trainer's own batches and step: forward, backward, Adam; bf16 autocast on CUDA). Per layer count:
+scoring as validation and serving do it (score_prompts, batches of 64). Each is timed over --batches
+batches after one warm-up batch. Prints a table; docs/benchmarks.md records it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 
 from model.backbone import DEFAULT_BACKBONE, load_backbone
-from model.cllm4rec import CLLM4Rec, pad
+from model.cllm4rec import CLLM4Rec, score_prompts
 from model.data import load_dataset, split_dataset
 from model.prompts import PromptTemplates, TokenSpace, build_recommend_prompt
 from model.train import Trainer, TrainConfig
@@ -34,7 +36,7 @@ def time_batches(step, batches) -> float:
     tokens, start = 0, time.perf_counter()
     for batch in batches[1:]:
         step(batch)
-        tokens += batch.n_tokens if hasattr(batch, "n_tokens") else int(batch[1].sum())
+        tokens += batch.n_tokens if hasattr(batch, "n_tokens") else sum(map(len, batch))
     sync()
     return tokens / (time.perf_counter() - start)
 
@@ -44,7 +46,7 @@ def main() -> None:
     parser.add_argument("--data", required=True)
     parser.add_argument("--backbone", default=DEFAULT_BACKBONE)
     parser.add_argument("--layers", type=int, nargs="+", default=[30, 8, 4, 2])
-    parser.add_argument("--batch-size", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, nargs="+", default=[TrainConfig.batch_size])
     parser.add_argument("--batches", type=int, default=8)
     parser.add_argument("--max-text-tokens", type=int, default=TrainConfig.max_text_tokens)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
@@ -57,40 +59,40 @@ def main() -> None:
     dataset = load_dataset(args.data)
     split = split_dataset(dataset, seed=0)
     rng = np.random.default_rng(0)
-    config = TrainConfig(data=args.data, out="", batch_size=args.batch_size, max_text_tokens=args.max_text_tokens)
     rows = []
     for n_layers in args.layers:
         backbone, tokenizer = load_backbone(args.backbone, n_layers, device)
         model = CLLM4Rec(backbone, dataset.n_users, dataset.n_items).to(device)
         space = TokenSpace(tokenizer, model.n_words, dataset.n_users, dataset.n_items, PromptTemplates())
-        # The trainer's own batches and step (bf16 autocast on CUDA, as in training).
-        trainer = Trainer(config, dataset, split, model, space, device, Path(tempfile.gettempdir()))
-        model.train()
-        result = {"layers": n_layers}
-        for name in ("collaborative", "content", "recommend"):
-            if name == "content" and not trainer.content_documents:
-                continue
-            batches = trainer.batches(name, rng)[: args.batches + 1]
-            result[name] = time_batches(lambda batch, name=name: trainer.train_step(name, batch), batches)
+        for batch_size in args.batch_size:
+            config = TrainConfig(data=args.data, out="", batch_size=batch_size, max_text_tokens=args.max_text_tokens)
+            # The trainer's own batches and step (bf16 autocast on CUDA, as in training).
+            trainer = Trainer(config, dataset, split, model, space, device, Path(tempfile.gettempdir()))
+            model.train()
+            result = {"layers": n_layers, "batch": batch_size}
+            for name in ("collaborative", "content", "recommend"):
+                if name == "content" and not trainer.content_documents:
+                    continue
+                batches = trainer.batches(name, rng)[: args.batches + 1]
+                result[name] = time_batches(lambda batch, name=name: trainer.train_step(name, batch), batches)
+            rows.append(result)
+            print(result, flush=True)
 
-        prompts = [build_recommend_prompt(space, u, split.train[u].tolist(), config.max_history)
+        # Scoring as validation and serving do it (score_prompts), batches of 64 prompts.
+        model.eval()
+        prompts = [build_recommend_prompt(space, u, split.train[u].tolist(), TrainConfig.max_history)
                    for u in range(dataset.n_users)]
         prompts.sort(key=len)
-        score_batches = [pad(prompts[i : i + 64]) for i in range(0, min(len(prompts), 64 * (args.batches + 1)), 64)]
-
-        def score(batch):
-            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=trainer.amp):
-                model.prompt_item_logits(batch[0].to(device), batch[1].to(device))
-        result["scoring"] = time_batches(score, score_batches)
-        rows.append(result)
-        print(result, flush=True)
+        score_batches = [prompts[i : i + 64] for i in range(0, min(len(prompts), 64 * (args.batches + 1)), 64)]
+        rows[-1]["scoring"] = time_batches(lambda batch: score_prompts(model, batch), score_batches)
+        print({"layers": n_layers, "scoring": rows[-1]["scoring"]}, flush=True)
 
     stages = ["collaborative", "content", "recommend", "scoring"]
-    print(f"\ntokens/s ({os.path.basename(args.data.rstrip('/'))}, batch {args.batch_size}; scoring batch 64)")
-    print(f"{'layers':>6}" + "".join(f"{s:>15}" for s in stages))
+    print(f"\ntokens/s ({os.path.basename(args.data.rstrip('/'))}; scoring batch 64)")
+    print(f"{'layers':>6}{'batch':>7}" + "".join(f"{s:>15}" for s in stages))
     for r in rows:
-        print(f"{r['layers']:>6}" + "".join(f"{r[s]:>15.0f}" if s in r else f"{'-':>15}" for s in stages))
-
+        print(f"{r['layers']:>6}{r['batch']:>7}" + "".join(f"{r[s]:>15.0f}" if s in r else f"{'-':>15}"
+                                                     for s in stages))
 
 if __name__ == "__main__":
     main()

@@ -271,11 +271,11 @@ def default_device() -> torch.device:
 
 def load_recommender(directory: str | Path, device: str | torch.device | None = None,
                      dtype: torch.dtype | None = None) -> Recommender:
-    """Read a checkpoint and put it on the GPU when there is one (half precision there), else the CPU."""
+    """Read a checkpoint and put it on the GPU when there is one, else the CPU. Weights in float32 by
+    default; on CUDA the forward pass then computes in bfloat16 (score_prompts)."""
     checkpoint = read_checkpoint(directory)
     device = torch.device(device) if device is not None else default_device()
-    if dtype is None:
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    dtype = dtype or torch.float32
     backbone = checkpoint.meta["backbone"]
     backbone_model, tokenizer = load_backbone(backbone["name"], backbone["layers"], device, dtype)
     model, space = build_model(checkpoint, backbone_model, tokenizer)

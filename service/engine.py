@@ -56,7 +56,7 @@ class ReloadFailed(RuntimeError):
     still serves."""
 
 
-# CLLM4REC_DTYPE: None is load_recommender's default (float16 on CUDA, float32 on the CPU).
+# CLLM4REC_DTYPE: None is load_recommender's default (float32 weights; bfloat16 compute on CUDA).
 MODEL_DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 

@@ -52,8 +52,8 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto: CUDA when available, else CPU")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        "auto", description="precision of the backbone and embeddings; auto: float16 on CUDA, float32 on CPU "
-        "(half precision is ~10x slower on CPUs)")
+        "auto", description="weights of the backbone and embeddings; auto: float32, computed in bfloat16 "
+        "on CUDA (autocast), the fastest measured there; float16/bfloat16: weights in half precision")
     torch_threads: int = Field(0, ge=0, description="intra-op CPU threads of the forward pass; 0: one per "
                                "available CPU")
 

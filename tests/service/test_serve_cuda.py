@@ -1,5 +1,5 @@
-"""On a CUDA machine: the server puts the model on the GPU in float16 and answers like the offline
-scorer. Skipped where there is no CUDA device (CI)."""
+"""On a CUDA machine: the server puts the model on the GPU (float32 weights, bfloat16 compute) and
+answers. Skipped where there is no CUDA device (CI)."""
 
 import pytest
 import torch
@@ -9,10 +9,10 @@ from serving_helpers import metric_value, running_server, server_settings
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def test_server_scores_on_the_gpu_in_half_precision(tiny_checkpoint, offline):
+def test_server_scores_on_the_gpu(tiny_checkpoint, offline):
     with running_server(server_settings(tiny_checkpoint)) as server, server.client() as client:
         model = server.engine.model.recommender.model
-        assert (model.collab_items.weight.device.type, model.collab_items.weight.dtype) == ("cuda", torch.float16)
+        assert (model.collab_items.weight.device.type, model.collab_items.weight.dtype) == ("cuda", torch.float32)
         responses = [client.post("/recommend", json={"user_id": user_id, "k": 10})
                      for user_id in offline.checkpoint.user_ids[:20]]
         assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
