@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,21 @@ from pathlib import Path
 import numpy as np
 
 MIN_INTERACTIONS_TO_SPLIT = 3
+
+# The id rule of the server (service/schemas.py states it in the API): ids are printable, none of
+# these characters may appear in one. ASCII control characters and the space; DEL, the C1 controls
+# and the no-break space; the soft hyphen; Unicode spaces and invisible format characters
+# (zero-width, bidirectional marks and overrides, word joiners, BOM), which make ids that look alike
+# but differ, or reorder log lines. Lone UTF-16 surrogates are refused too (Redis keys, being UTF-8,
+# cannot hold them).
+FORBIDDEN_ID_CHARACTERS = (r"\x00-\x20\x7f-\xa0\xad\u1680\u180e\u2000-\u200f\u2028-\u202f\u205f-\u206f"
+                           r"\u3000\ufeff")
+_FORBIDDEN = re.compile(f"[{FORBIDDEN_ID_CHARACTERS}\\ud800-\\udfff]")
+
+
+def forbidden_id_character(value: str) -> re.Match | None:
+    """The first character of an id that breaks the id rule, or None."""
+    return _FORBIDDEN.search(value)
 TRAIN, VAL, TEST = 0, 1, 2
 PART_NAMES = {"train": TRAIN, "val": VAL, "test": TEST}
 
@@ -197,6 +213,12 @@ def load_dataset(directory: str | Path) -> Dataset:
             interactions.append((u, i))
     if len(interactions) < len(pairs):
         report.append(f"{source.name}: dropped {len(pairs) - len(interactions)} duplicate (user, item) rows")
+    for kind, ids in (("user", user_index), ("item", item_index)):
+        unservable = [i for i in ids if forbidden_id_character(i)]
+        if unservable:
+            report.append(f"{source.name}: {len(unservable)} {kind} ids contain whitespace, control or invisible "
+                          f"characters (first: {unservable[0]!r}); they are trained, but the server refuses such "
+                          "ids in requests: rename them to serve them by id")
     # Group by user keeping each user's order: histories are read oldest-first by the server.
     interactions.sort(key=lambda p: p[0])
 

@@ -39,6 +39,8 @@ from model.prompts import (Document, PromptTemplates, TokenSpace, build_collabor
 
 log = logging.getLogger(__name__)
 STATE_DIR = "train_state"
+# Up to this batch size a full-depth SmolLM2 step took the same time on an H200 (docs/benchmarks.md).
+GPU_FLAT_BATCH = 128
 # Which view's user/item tables each pass trains (and whose optimizers step).
 PASS_VIEW = {"collaborative": COLLAB, "content": CONTENT, "recommend": COLLAB}
 
@@ -465,6 +467,10 @@ def train(config: TrainConfig) -> dict:
         # Measured on SmolLM2: title words cost 17-20 nats each from the first 4-16 layers, 4.8 from all 30.
         print(f"note: the frozen LM head reads layer {config.backbone_layers}, not the last one; its word "
               "predictions are poor there, so the content LM teaches little (consider --no-content)")
+    if device.type == "cuda" and config.batch_size < GPU_FLAT_BATCH:
+        print(f"note: on a GPU a step of the backbone is bound by kernel launches: it took about as long at "
+              f"batch {GPU_FLAT_BATCH} as at 32 on an H200; a larger --batch-size (256+) trains faster per "
+              "token (docs/training.md)")
     if config.resume:
         trainer.restore_state()
         print(f"resuming after epoch {trainer.epoch}")

@@ -5,36 +5,30 @@ are the one place their rules live. The request models are built per app by requ
 so the limits they enforce (CLLM4REC_MAX_*) are the ones the OpenAPI schema states.
 """
 
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+
+from model.data import FORBIDDEN_ID_CHARACTERS, forbidden_id_character
 
 if TYPE_CHECKING:
     from service.settings import Settings
 
 DEFAULT_K = 20
 
-# Ids are printable: none of these characters may appear in one. ASCII control characters and the
-# space; DEL, the C1 controls and the no-break space; the soft hyphen; Unicode spaces and invisible
-# format characters (zero-width, bidirectional marks and overrides, word joiners, BOM), which make
-# ids that look alike but differ, or reorder log lines.
-FORBIDDEN_ID_CHARACTERS = (r"\x00-\x20\x7f-\xa0\xad\u1680\u180e\u2000-\u200f\u2028-\u202f\u205f-\u206f"
-                           r"\u3000\ufeff")
 # The patterns the OpenAPI schema states. check_id also refuses lone UTF-16 surrogates (JSON can
 # escape them, UTF-8 and so Redis keys cannot hold them); they are left out of the patterns because
 # a JSON Schema regex works on UTF-16 code units, where every emoji is a surrogate pair.
 ID_PATTERN = rf"^[^{FORBIDDEN_ID_CHARACTERS}]+$"
 # In a URL path an id cannot hold "/" either (GET /recommend/{user_id}; such ids use POST /recommend).
 PATH_ID_PATTERN = rf"^[^/{FORBIDDEN_ID_CHARACTERS}]+$"
-_FORBIDDEN = re.compile(f"[{FORBIDDEN_ID_CHARACTERS}\\ud800-\\udfff]")
 
 
 def check_id(value: str) -> str:
     """The id rule with a message that says which character is refused (a pattern error would only
     repeat the pattern)."""
-    found = _FORBIDDEN.search(value)
+    found = forbidden_id_character(value)
     if found:
         raise ValueError(f"ids must not contain whitespace, control, invisible or surrogate characters: "
                          f"{ascii(found.group())} at position {found.start()}")

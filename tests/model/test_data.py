@@ -67,6 +67,15 @@ def test_filters_are_counted_in_the_report(tmp_path):
     assert "dropped 2 reviews of unknown users, items or pairs" in report
 
 
+def test_ids_the_server_would_refuse_are_reported(tmp_path):
+    d = write(tmp_path, "interactions.csv", "user_id,item_id\njohn smith,a\nu2,b\u200bc\nu2,a\n")
+    data = load_dataset(d)
+    assert data.user_ids == ["john smith", "u2"]  # trained all the same
+    report = "\n".join(data.report)
+    assert "1 user ids contain whitespace, control or invisible characters (first: 'john smith')" in report
+    assert "1 item ids contain" in report and "'b\\u200bc'" in report
+
+
 def test_reviews_alone_define_the_interactions(tmp_path):
     write(tmp_path, "reviews.csv", "user_id,item_id,text\nu1,a,nice\nu2,a,ok\n")
     data = load_dataset(tmp_path)
