@@ -46,6 +46,8 @@ _FORBIDDEN = re.compile(f"[{FORBIDDEN_ID_CHARACTERS}\\ud800-\\udfff]")
 def forbidden_id_character(value: str) -> re.Match | None:
     """The first character of an id that breaks the id rule, or None."""
     return _FORBIDDEN.search(value)
+
+
 TRAIN, VAL, TEST = 0, 1, 2
 PART_NAMES = {"train": TRAIN, "val": VAL, "test": TEST}
 

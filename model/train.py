@@ -252,10 +252,9 @@ class Trainer:
         return passes
 
     def validate(self) -> dict:
-        self.model.eval()
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
-            return evaluate_cllm4rec(self.model, self.space, self.split, "val", self.val_users, self.config.max_history,
-                                     self.config.eval_batch_size)
+        self.model.eval()  # scoring computes in bf16 on CUDA, as the server does (score_prompts)
+        return evaluate_cllm4rec(self.model, self.space, self.split, "val", self.val_users, self.config.max_history,
+                                 self.config.eval_batch_size)
 
     # --- saving ----------------------------------------------------------------------------------
     def save_best(self, metrics: dict) -> None:
