@@ -107,6 +107,10 @@ def begin_shutdown(app: FastAPI) -> None:
     app.state.shutting_down = True
 
 
+# The status recorded when the client leaves before it is answered (nginx's convention); never sent.
+CLIENT_CLOSED_REQUEST = 499
+
+
 class RequestMetrics:
     """ASGI middleware: latency by route template, method and status; requests in flight."""
 
@@ -118,18 +122,27 @@ class RequestMetrics:
             return await self.app(scope, receive, send)
         started = time.perf_counter()
         status = 500  # what the client gets if the app raises before answering
+        answered = disconnected = False
 
         async def send_recording_status(message):
-            nonlocal status
+            nonlocal status, answered
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, answered = message["status"], True
             await send(message)
+
+        async def receive_noting_disconnect():
+            nonlocal disconnected
+            message = await receive()
+            disconnected = disconnected or message["type"] == "http.disconnect"
+            return message
 
         metrics.requests_in_flight.inc()
         try:
-            await self.app(scope, receive, send_recording_status)
+            await self.app(scope, receive_noting_disconnect, send_recording_status)
         finally:
             metrics.requests_in_flight.dec()
+            if disconnected and not answered:
+                status = CLIENT_CLOSED_REQUEST  # the client left first (e.g. mid-body): not a server error
             route = scope.get("route")  # set by the router on a match: the template, never the user id
             metrics.http_request_duration.labels(route.path if route else "unmatched", scope["method"],
                                                  str(status)).observe(time.perf_counter() - started)

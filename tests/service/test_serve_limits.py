@@ -4,6 +4,9 @@ characters (422 saying what is wrong), and an OpenAPI schema that states the sam
 
 from __future__ import annotations
 
+import socket
+import time
+
 import pytest
 
 from serving_helpers import metric_value, running_server, server_settings
@@ -44,6 +47,23 @@ def test_body_over_the_limit_is_413_before_parsing(client):
     small = b'{"user_id": "u1", "item_ids": ["i1"]}'
     assert client.post("/interactions", content=iter([small[:10], small[10:]]),
                        headers={"content-type": "application/json"}).status_code == 200
+
+
+def test_a_client_leaving_mid_body_is_recorded_as_499_not_as_a_server_error(server, client):
+    def count(status):
+        return metric_value(client.get("/metrics").text, "cllm4rec_http_request_duration_seconds_count",
+                            endpoint="unmatched", method="POST", status=status)
+    before = count("499")
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as connection:
+        connection.sendall(b"POST /interactions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                           b"content-length: 100\r\n\r\n{\"user_id\": ")
+        time.sleep(0.2)  # the server has read the headers and is waiting for the rest of the body
+    deadline = time.monotonic() + 5
+    while count("499") == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert count("499") == before + 1
+    assert count("500") == 0
 
 
 @pytest.mark.parametrize("method, path, body, message", [
