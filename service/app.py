@@ -31,7 +31,7 @@ from fastapi.responses import JSONResponse
 from model.train import ConfigError
 from service import metrics
 from service.batcher import Overloaded
-from service.dependencies import Unauthorized
+from service.dependencies import Forbidden, Unauthorized
 from service.engine import Engine, ReloadFailed, RequestTimeout, ServedModel, model_device
 from service.histories import HistoryStoreUnavailable, open_history_store
 from service.routes import admin, health, interactions, recommend
@@ -210,6 +210,10 @@ async def on_unauthorized(request: Request, error: Unauthorized) -> JSONResponse
     return error_response(401, "unauthorized", error, headers={"WWW-Authenticate": "Bearer"})
 
 
+async def on_forbidden(request: Request, error: Forbidden) -> JSONResponse:
+    return error_response(403, "forbidden", error)
+
+
 async def on_reload_failed(request: Request, error: ReloadFailed) -> JSONResponse:
     return error_response(400, "reload_failed", error)
 
@@ -245,6 +249,7 @@ def create_app(settings: Settings | None = None, model: ServedModel | None = Non
     app.add_middleware(RequestMetrics)  # added last: the outermost, so it also times 413s
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(Unauthorized, on_unauthorized)
+    app.add_exception_handler(Forbidden, on_forbidden)
     app.add_exception_handler(ReloadFailed, on_reload_failed)
     app.add_exception_handler(Overloaded, on_overloaded)
     app.add_exception_handler(HistoryStoreUnavailable, on_store_unavailable)

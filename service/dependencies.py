@@ -2,7 +2,8 @@
 
 With CLLM4REC_API_KEY set, writes (POST /interactions, /admin/*) need the key, and reads
 (/recommend*) too when CLLM4REC_AUTH_READS is true; /healthz, /readyz and /metrics never do, so
-probes and scrapers need no secret. The key comes as `Authorization: Bearer KEY` or
+probes and scrapers need no secret. Without a key, /admin/* answers clients on this host only
+(loopback): an admin call makes the server read files, which no one else should be able to ask. The key comes as `Authorization: Bearer KEY` or
 `X-API-Key: KEY`. Both security schemes are declared in the OpenAPI schema.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -25,6 +27,10 @@ api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="`
 
 class Unauthorized(Exception):
     """The API key is missing or wrong (401 with WWW-Authenticate: Bearer)."""
+
+
+class Forbidden(Exception):
+    """An admin call from another host while no API key is set (403)."""
 
 
 def get_engine(request: Request) -> Engine:
@@ -59,3 +65,17 @@ def require_key_for_writes(request: Request, credentials: BearerCredentials, hea
 
 def require_key_for_reads(request: Request, credentials: BearerCredentials, header_key: HeaderKey) -> None:
     check_api_key(request, credentials, header_key, write=False)
+
+
+def require_key_or_loopback_for_admin(request: Request, credentials: BearerCredentials, header_key: HeaderKey) -> None:
+    check_api_key(request, credentials, header_key, write=True)
+    if request.app.state.settings.api_key is None and not is_loopback(request.client.host if request.client else None):
+        raise Forbidden("without CLLM4REC_API_KEY the admin endpoints answer this host only: set a key to call "
+                        "them over the network, or send SIGHUP to the server to reload")
+
+
+def is_loopback(host: str | None) -> bool:
+    try:
+        return host is not None and ipaddress.ip_address(host).is_loopback
+    except ValueError:  # not an IP address (a Unix socket's peer, a test client's name)
+        return False

@@ -188,6 +188,8 @@ class ReloadResponse(BaseModel):
 
 # Error answers for the OpenAPI schema, merged into each route's `responses`.
 UNAUTHORIZED = {401: error("the API key is missing or wrong (CLLM4REC_API_KEY), with `WWW-Authenticate: Bearer`")}
+ADMIN_FORBIDDEN = {403: error("no API key is set and the call comes from another host (admin calls are then "
+                              "loopback only)")}
 BODY_TOO_LARGE = {413: error("the request body is larger than CLLM4REC_MAX_BODY_BYTES")}
 BODY_UNREADABLE = {400: error("the body could not be parsed at all (not UTF-8, or nested too deeply)")}
 STORE_UNAVAILABLE = {503: error("the history store (Redis) is unreachable, or the request queue is full "

@@ -7,12 +7,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, Body, Depends, Request
 
-from service.dependencies import get_engine, require_key_for_writes
+from service.dependencies import get_engine, require_key_or_loopback_for_admin
 from service.engine import Engine
-from service.schemas import BODY_TOO_LARGE, RELOAD_FAILED, UNAUTHORIZED, ReloadRequest, ReloadResponse
+from service.schemas import (ADMIN_FORBIDDEN, BODY_TOO_LARGE, RELOAD_FAILED, UNAUTHORIZED, ReloadRequest,
+                             ReloadResponse)
 
-router = APIRouter(tags=["admin"], dependencies=[Depends(require_key_for_writes)],
-                   responses={**UNAUTHORIZED, **RELOAD_FAILED, **BODY_TOO_LARGE})
+router = APIRouter(tags=["admin"], dependencies=[Depends(require_key_or_loopback_for_admin)],
+                   responses={**UNAUTHORIZED, **ADMIN_FORBIDDEN, **RELOAD_FAILED, **BODY_TOO_LARGE})
 
 
 @router.post("/admin/reload", summary="Load a checkpoint and swap it in")

@@ -3,9 +3,11 @@ the scrape endpoint never; 401 with WWW-Authenticate; constant-time comparison; 
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 
+import httpx
 import pytest
 from pydantic import ValidationError
 
@@ -86,6 +88,29 @@ def test_without_a_key_everything_is_open(tiny_checkpoint, user_id):
         assert server.app.state.settings.api_key is None  # empty means unset
         for method, path, body in reads(user_id) + writes(user_id)[:1]:
             assert call(client, method, path, body).status_code == 200, path
+
+
+def from_another_host(app, method: str, path: str, body: dict | None, headers: dict | None = None):
+    """A request to the app as a client at a documentation address (RFC 5737) would send it."""
+    async def send():
+        transport = httpx.ASGITransport(app=app, client=("203.0.113.7", 40000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+            return await client.request(method, path, json=body, headers=headers)
+    return asyncio.run(send())
+
+
+def test_without_a_key_admin_calls_come_from_this_host_only(tiny_checkpoint, user_id):
+    reload = writes(user_id)[1]
+    with running_server(server_settings(tiny_checkpoint, api_key="")) as server, server.client() as client:
+        assert call(client, *reload).status_code == 400  # loopback: authorised (a bad path, so 400)
+        remote = from_another_host(server.app, *reload)
+        assert remote.status_code == 403, remote.text
+        assert "without CLLM4REC_API_KEY the admin endpoints answer this host only" in remote.json()["detail"]
+        assert from_another_host(server.app, *writes(user_id)[0]).status_code == 200  # other writes stay open
+        assert metric_value(client.get("/metrics").text, "cllm4rec_errors_total", kind="forbidden") == 1
+    with running_server(server_settings(tiny_checkpoint, api_key=KEY)) as server:
+        assert_unauthorized(from_another_host(server.app, *reload), "needs the API key")
+        assert from_another_host(server.app, *reload, headers={"X-API-Key": KEY}).status_code == 400
 
 
 def test_the_key_is_compared_in_constant_time(monkeypatch):
