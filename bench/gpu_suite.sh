@@ -31,9 +31,10 @@ python3 -c 'import torch, transformers; print("torch", torch.__version__, "trans
 # The default backbone's one-time GGUF -> safetensors conversion, timed on its own.
 step convert 180 python3 -c 'from model.backbone import DEFAULT_BACKBONE, load_backbone; load_backbone(DEFAULT_BACKBONE)'
 step cuda_tests 180 python3 -m pytest -q -p no:cacheprovider tests/model/test_train_cuda.py tests/service/test_serve_cuda.py
-step throughput 150 python3 bench/train_throughput.py --data "$data/amazon-beauty" --layers 30 --batches 12 --batch-size 32
+step throughput 150 python3 bench/train_throughput.py --data "$data/amazon-beauty" --layers 30 --batches 12 \
+  --batch-size 32 128 512
 step train "$train_seconds" python3 -m service.cli train --data "$data/amazon-beauty" --out "$checkpoint" \
-  --content-epochs 1 --pretrain-epochs 2 --finetune-epochs 10 --finetune-lr 1e-3 --batch-size 32
+  --content-epochs 1 --pretrain-epochs 2 --finetune-epochs 10 --finetune-lr 1e-3 --batch-size 128
 cp "$checkpoint/metrics.jsonl" "$logs/train_metrics.jsonl"
 step evaluate 240 python3 -m service.cli evaluate --checkpoint "$checkpoint" --data "$data/amazon-beauty"
 step precision 120 python3 bench/serving_precision.py --checkpoint "$checkpoint"
