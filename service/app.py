@@ -1,7 +1,7 @@
 """The FastAPI app: create_app(settings) and its lifespan.
 
 Start-up, before the first request is accepted:
-  1. load the checkpoint (CUDA in half precision when available, else CPU float32), unless the
+  1. load the checkpoint (CUDA with bfloat16 compute when available, else CPU float32), unless the
      caller loaded it already (`cllm4rec serve` does, so a bad checkpoint is one line before
      anything listens)
   2. open the history store (Redis, or in-process when no URL is set); seed it with the
