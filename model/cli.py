@@ -12,8 +12,8 @@ import torch
 
 from model.checkpoint import load_recommender, read_checkpoint
 from model.data import DataError, load_dataset
-from model.evaluate import (EASE_LAMBDAS, ease_scorer, evaluate_cllm4rec, evaluate_scorer, evaluation_users,
-                            metric_names, most_popular_scorer, pick_ease_lambda)
+from model.evaluate import (EASE_LAMBDA_USERS, EASE_LAMBDAS, ease_scorer, evaluate_cllm4rec, evaluate_scorer,
+                            evaluation_users, metric_names, most_popular_scorer, pick_ease_lambda, sample_users)
 from model.train import TrainConfig, resolve_device, train
 
 # Options whose flag is not simply the field name with dashes, or that need help text.
@@ -77,7 +77,8 @@ def add_evaluate_parser(subparsers) -> None:
     p.add_argument("--split", choices=("val", "test"), default="test")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--ease-lambda", type=float, default=None,
-                   help=f"EASE regularisation; default: the best of {list(EASE_LAMBDAS)} on the validation part")
+                   help=f"EASE regularisation; default: the best of {list(EASE_LAMBDAS)} on {EASE_LAMBDA_USERS} "
+                        "validation users")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=run_evaluate)
@@ -102,7 +103,8 @@ def run_evaluate(args) -> int:
     seconds = time.perf_counter() - started
     results["most_popular"] = evaluate_scorer(most_popular_scorer(split, n_items), split, args.split, users,
                                               args.batch_size)
-    lam = args.ease_lambda or pick_ease_lambda(split, n_items, evaluation_users(split, "val"), args.batch_size)
+    lam = args.ease_lambda or pick_ease_lambda(
+        split, n_items, sample_users(evaluation_users(split, "val"), EASE_LAMBDA_USERS, seed=0), args.batch_size)
     results["ease"] = evaluate_scorer(ease_scorer(split, args.split, n_items, lam), split, args.split, users,
                                       args.batch_size)
     results["users"] = len(users)

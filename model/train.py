@@ -33,7 +33,7 @@ from model import checkpoint as ckpt
 from model.backbone import DEFAULT_BACKBONE, load_backbone
 from model.cllm4rec import COLLAB, CONTENT, CLLM4Rec, collate_documents, collate_recommend
 from model.data import Dataset, Split, load_dataset, split_dataset
-from model.evaluate import evaluate_cllm4rec, evaluation_users, selection_score
+from model.evaluate import evaluate_cllm4rec, evaluation_users, sample_users, selection_score
 from model.prompts import (Document, PromptTemplates, TokenSpace, build_collaborative_document,
                            build_content_documents, build_recommend_prompt)
 
@@ -156,11 +156,7 @@ class Trainer:
         self.optimizers = {view: make_optimizers(model.tables(view), config.pretrain_lr) for view in (COLLAB, CONTENT)}
         self.content_documents = build_content_documents(space, split.train_reviews(dataset), dataset.item_texts,
                                                          config.max_text_tokens) if config.content else []
-        rng = np.random.default_rng([config.seed, 1])
-        users = evaluation_users(split, "val")
-        if config.val_users and len(users) > config.val_users:
-            users = sorted(rng.choice(users, config.val_users, replace=False).tolist())
-        self.val_users = users
+        self.val_users = sample_users(evaluation_users(split, "val"), config.val_users, config.seed)
         self.epoch = 0  # epochs completed
         self.best_score = -math.inf
         self.best_metrics: dict = {}

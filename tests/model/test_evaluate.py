@@ -73,3 +73,13 @@ def test_ease_matches_the_closed_form():
     assert np.allclose(ease_weights(interaction_matrix(split, "val", 4), lam).numpy(), expected, atol=1e-5)
     scores = ease_scorer(split, "val", 4, lam)([0, 2])
     assert np.allclose(scores.numpy(), x[[0, 2]] @ expected, atol=1e-5)
+
+
+def test_user_samples_are_fixed_sorted_subsets():
+    from model.evaluate import sample_users
+
+    users = list(range(0, 500, 3))
+    sample = sample_users(users, 20, seed=4)
+    assert sample == sample_users(users, 20, seed=4) and sample != sample_users(users, 20, seed=5)
+    assert len(sample) == 20 and sample == sorted(sample) and set(sample) <= set(users)
+    assert sample_users(users, 0, seed=4) == users and sample_users(users, 1000, seed=4) == users
