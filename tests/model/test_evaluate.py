@@ -4,11 +4,12 @@ import math
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 import torch
 
 from model.data import Split
 from model.evaluate import (ease_scorer, ease_weights, evaluate_scorer, interaction_matrix, most_popular_scorer,
-                            ranking_metrics)
+                            ranking_metrics, sample_users)
 
 
 def top_list(*items, width=100):
@@ -76,10 +77,14 @@ def test_ease_matches_the_closed_form():
 
 
 def test_user_samples_are_fixed_sorted_subsets():
-    from model.evaluate import sample_users
-
     users = list(range(0, 500, 3))
     sample = sample_users(users, 20, seed=4)
     assert sample == sample_users(users, 20, seed=4) and sample != sample_users(users, 20, seed=5)
     assert len(sample) == 20 and sample == sorted(sample) and set(sample) <= set(users)
     assert sample_users(users, 0, seed=4) == users and sample_users(users, 1000, seed=4) == users
+
+
+def test_ease_weights_are_row_major_for_fast_scoring():
+    """scipy's sparse @ dense copies a column-major dense operand on every call."""
+    train = sp.random(40, 30, density=0.2, format="csr", dtype=np.float32, random_state=0)
+    assert ease_weights(train, 10.0).numpy().flags["C_CONTIGUOUS"]
