@@ -27,8 +27,6 @@ import asyncio
 import inspect
 import platform
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -44,34 +42,12 @@ from model.checkpoint import Recommender, load_recommender
 from model.cllm4rec import COLLAB, inference_autocast, score_prompts
 from model.prompts import build_recommend_prompt
 from service.engine import top_k
+from serve_process import start_serve
 
 MS = 1000.0
 
 
 # --- the server ------------------------------------------------------------------------------------
-
-def start_server(args, port: int, prefix: str, log_path: Path) -> subprocess.Popen:
-    env = {**os.environ, "CLLM4REC_REDIS_URL": args.redis_url, "CLLM4REC_REDIS_KEY_PREFIX": prefix,
-           "CLLM4REC_TORCH_THREADS": str(args.threads), "CLLM4REC_MAX_BATCH_SIZE": str(args.max_batch_size),
-           "CLLM4REC_MAX_WAIT_MS": str(args.max_wait_ms), "CLLM4REC_QUEUE_SIZE": "1024"}
-    with log_path.open("w") as log:
-        process = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--checkpoint", str(args.checkpoint),
-                                    "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while True:
-        if process.poll() is not None:
-            sys.exit(f"the server exited; its log:\n{log_path.read_text()}")
-        try:
-            if httpx.get(url + "/readyz", timeout=5).status_code == 200:
-                return process
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            process.kill()
-            sys.exit("the server did not become ready in 300 s")
-        time.sleep(0.5)
-
 
 def batch_stats(url: str) -> tuple[float, float]:
     """(sum, count) of the server's batch size histogram."""
@@ -188,7 +164,10 @@ def main() -> None:
     port = args.port
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        server = start_server(args, port, prefix, Path(tmp) / "server.log")
+        server = start_serve(args.checkpoint, port, {
+            "CLLM4REC_REDIS_URL": args.redis_url, "CLLM4REC_REDIS_KEY_PREFIX": prefix,
+            "CLLM4REC_TORCH_THREADS": str(args.threads), "CLLM4REC_MAX_BATCH_SIZE": str(args.max_batch_size),
+            "CLLM4REC_MAX_WAIT_MS": str(args.max_wait_ms), "CLLM4REC_QUEUE_SIZE": "1024"}, Path(tmp) / "server.log")
         url = f"http://127.0.0.1:{port}"
         try:
             asyncio.run(load(url, bodies[: min(16, len(bodies))], 1))  # warm the connections and caches

@@ -25,18 +25,17 @@ import argparse  # noqa: E402  (the imports below come after the environment is 
 import asyncio
 import json
 import signal
-import subprocess
 import sys
 import tempfile
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import httpx
 import numpy as np
 import psutil
+
+from serve_process import start_serve
 
 MS = 1000.0
 
@@ -190,29 +189,6 @@ def rss_mib(pid: int) -> float:
 
 # --- the script ------------------------------------------------------------------------------------
 
-def start_server(args, port: int, log_path: Path) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CLLM4REC_") or k == "CLLM4REC_CACHE_DIR"}
-    env.update(CLLM4REC_TORCH_THREADS=str(args.threads), CLLM4REC_QUEUE_SIZE=str(args.queue_size),
-               CLLM4REC_MAX_BATCH_SIZE=str(args.max_batch_size), CLLM4REC_LOG_LEVEL="warning")
-    with log_path.open("w") as log:
-        process = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--checkpoint", str(args.checkpoint),
-                                    "--host", "127.0.0.1", "--port", str(port)], env=env, stdout=log,
-                                   stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 300
-    while True:
-        if process.poll() is not None:
-            sys.exit(f"the server exited; its log:\n{log_path.read_text()}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200:
-                return process
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            process.kill()
-            sys.exit("the server did not become ready in 300 s")
-        time.sleep(0.5)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, required=True)
@@ -233,7 +209,10 @@ def main() -> int:
     print(f"load average {os.getloadavg()[0]:.2f} at start; {os.cpu_count()} CPUs; checkpoint {args.checkpoint}; "
           f"server queue {args.queue_size}, max batch {args.max_batch_size}, {args.threads} torch threads")
     with tempfile.TemporaryDirectory() as tmp:
-        server = start_server(args, args.port, Path(tmp) / "server.log")
+        server = start_serve(args.checkpoint, args.port, {
+            "CLLM4REC_TORCH_THREADS": str(args.threads), "CLLM4REC_QUEUE_SIZE": str(args.queue_size),
+            "CLLM4REC_MAX_BATCH_SIZE": str(args.max_batch_size), "CLLM4REC_LOG_LEVEL": "warning"},
+            Path(tmp) / "server.log")
         try:
             capacity = asyncio.run(closed_loop(url, bodies, args.concurrency, 5.0))
             rate = args.factor * capacity

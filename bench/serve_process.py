@@ -1,0 +1,38 @@
+"""`cllm4rec serve` in a process of its own, for the benchmarks that drive it over HTTP."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+READY_TIMEOUT_S = 300  # a cold backbone conversion takes about a minute on 2 CPUs
+
+
+def start_serve(checkpoint: Path, port: int, settings: dict[str, str], log_path: Path) -> subprocess.Popen:
+    """The server on 127.0.0.1:port with these CLLM4REC_* settings (none taken from this environment
+    but the backbone cache), returned once /readyz answers 200. Exits the benchmark with the server's
+    log if the server dies, or after READY_TIMEOUT_S."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLLM4REC_") or k == "CLLM4REC_CACHE_DIR"}
+    env.update(settings)
+    with log_path.open("w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--checkpoint", str(checkpoint),
+                                    "--host", "127.0.0.1", "--port", str(port)], env=env, stdout=log,
+                                   stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while True:
+        if process.poll() is not None:
+            sys.exit(f"the server exited; its log:\n{log_path.read_text()}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200:
+                return process
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            process.kill()
+            sys.exit(f"the server did not become ready in {READY_TIMEOUT_S} s")
+        time.sleep(0.5)
