@@ -7,9 +7,10 @@
    prefix of its own, seeded from the checkpoint and deleted at the end).
 2. For each concurrency (1, 8, 32): --requests POST /recommend calls for known users, that many
    in flight at once; p50/p95/p99 latency, requests/s, and the server's mean batch size.
-3. In this process, with the same model and the same prompts (the users' stored histories): the
-   bare forward pass (score_prompts, then masking and top-k as the server does) at batch sizes 1, 8
-   and 32, so the HTTP + Redis + batching overhead shows as a ratio.
+3. In this process, with the model loaded as the server loads it (same device and precision) and
+   the same prompts (the users' stored histories): the server's scoring alone (ServedModel.score:
+   the forward pass, masking and top-k) at batch sizes 1, 8 and 32, so the HTTP + Redis + batching
+   overhead shows as a ratio.
 4. An autoregressive baseline with the same model: the same K items generated one at a time
    (greedy, KV cache, the item head at every step, seen and generated items masked), the way an LLM
    recommender that decodes item tokens would; its latency as a ratio to the one-pass forward.
@@ -38,10 +39,10 @@ import redis
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from model.checkpoint import Recommender, load_recommender
-from model.cllm4rec import COLLAB, inference_autocast, score_prompts
-from model.prompts import build_recommend_prompt
-from service.engine import top_k
+from model.checkpoint import Recommender
+from model.cllm4rec import COLLAB, inference_autocast
+from service.engine import ScoreJob, ServedModel
+from service.settings import Settings
 from serve_process import start_serve
 
 MS = 1000.0
@@ -79,17 +80,14 @@ async def load(url: str, bodies: list[dict], concurrency: int) -> tuple[list[flo
 
 # --- the model alone -----------------------------------------------------------------------------
 
-def bare_forward(recommender: Recommender, prompts: list[list[int]], seen: list[list[int]], k: int,
-                 batch_size: int) -> tuple[list[float], float]:
-    """Per-batch latencies (s) and the total time of score_prompts + mask + top-k over all prompts."""
+def bare_forward(model: ServedModel, jobs: list[ScoreJob], batch_size: int) -> tuple[list[float], float]:
+    """Per-batch latencies (s) and the total time of the server's scoring (ServedModel.score: one
+    forward pass, masking, top-k) over all jobs."""
     latencies = []
     started = time.perf_counter()
-    for start in range(0, len(prompts), batch_size):
+    for start in range(0, len(jobs), batch_size):
         t = time.perf_counter()
-        scores = score_prompts(recommender.model, prompts[start : start + batch_size])
-        for row, items in enumerate(seen[start : start + batch_size]):
-            scores[row, items] = -torch.inf
-        top_k(scores, [k] * len(scores))
+        model.score(jobs[start : start + batch_size])
         latencies.append(time.perf_counter() - t)
     return latencies, time.perf_counter() - started
 
@@ -144,18 +142,22 @@ def main() -> None:
         args.concurrency, args.requests, args.ar_users = [1, 8], 16, 4
     torch.set_num_threads(args.threads)
 
-    recommender = load_recommender(args.checkpoint, "cpu", torch.float32)
+    # The model as the server loads it (CLLM4REC_DEVICE and CLLM4REC_DTYPE at their defaults): the
+    # same device and precision, so the in-process figures compare with the HTTP ones.
+    served = ServedModel.load(args.checkpoint, Settings(checkpoint=args.checkpoint, device="auto", dtype="auto"))
+    recommender = served.recommender
     meta = recommender.checkpoint.meta
     split = recommender.checkpoint.split
     users = [u for u, items in enumerate(split.train) if len(items)]
     rng = np.random.default_rng(0)
     chosen = rng.choice(users, args.requests, replace=len(users) < args.requests).tolist()
     histories = [split.train[u].tolist() for u in chosen]
-    prompts = [build_recommend_prompt(recommender.space, u, h, recommender.max_history)
-               for u, h in zip(chosen, histories)]
+    jobs = [served.job(u, h, h, args.k) for u, h in zip(chosen, histories)]
+    prompts = [job.prompt for job in jobs]
     bodies = [{"user_id": recommender.checkpoint.user_ids[u], "k": args.k} for u in chosen]
     print(f"{platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start, "
-          f"torch {torch.__version__}, {args.threads} threads")
+          f"torch {torch.__version__}, {args.threads} threads; model on {recommender.device} "
+          f"({recommender.model.collab_items.weight.dtype})")
     print(f"checkpoint {args.checkpoint}: {meta['backbone']['name']} with {meta['backbone']['layers']} layers, "
           f"{meta['n_users']} users, {meta['n_items']} items; prompts {np.mean([len(p) for p in prompts]):.1f} tokens "
           f"on average; k={args.k}; server max batch {args.max_batch_size}, max wait {args.max_wait_ms:g} ms")
@@ -190,25 +192,23 @@ def main() -> None:
     for concurrency, p50, p95, p99, rps, mean_batch in rows:
         print(f"{concurrency:>11} {p50:>8.1f} {p95:>8.1f} {p99:>8.1f} {rps:>8.1f} {mean_batch:>11.1f}")
 
-    print("\nbare forward in this process (the same prompts; score_prompts + mask + top-k):")
+    print("\nbare forward in this process (the same prompts; the server's scoring: forward pass, mask, top-k):")
     print(f"{'batch':>11} {'p50 ms':>8} {'prompts/s':>10}")
     bare = {}
-    bare_forward(recommender, prompts[:4], histories[:4], args.k, 1)  # warm-up
+    bare_forward(served, jobs[:4], 1)  # warm-up
     for batch_size in sorted({1} | {c for c in args.concurrency if c > 1}):
-        latencies, total = bare_forward(recommender, prompts, histories, args.k, batch_size)
-        bare[batch_size] = (percentiles(latencies)[0], len(prompts) / total)
+        latencies, total = bare_forward(served, jobs, batch_size)
+        bare[batch_size] = (percentiles(latencies)[0], len(jobs) / total)
         print(f"{batch_size:>11} {bare[batch_size][0]:>8.1f} {bare[batch_size][1]:>10.1f}")
 
     n_ar = min(args.ar_users, len(prompts))
-    generate_items(recommender, prompts[0], histories[0], args.k)  # warm-up
+    generate_items(recommender, jobs[0].prompt, jobs[0].seen, args.k)  # warm-up
     ar_latencies, agree = [], 0
-    for prompt, history in zip(prompts[:n_ar], histories[:n_ar]):
+    for job in jobs[:n_ar]:
         started = time.perf_counter()
-        items = generate_items(recommender, prompt, history, args.k)
+        items = generate_items(recommender, job.prompt, job.seen, args.k)
         ar_latencies.append(time.perf_counter() - started)
-        scores = score_prompts(recommender.model, [prompt])
-        scores[0, history] = -torch.inf
-        agree += items[0] == int(scores.argmax())
+        agree += items[0] == served.score([job])[0][0][0]
     ar_p50 = percentiles(ar_latencies)[0]
     print(f"\nautoregressive, the same {args.k} items one token at a time (greedy, KV cache), {n_ar} users: "
           f"p50 {ar_p50:.1f} ms per user ({agree}/{n_ar} first items equal the one-pass top-1)")

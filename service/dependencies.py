@@ -3,8 +3,9 @@
 With CLLM4REC_API_KEY set, writes (POST /interactions, /admin/*) need the key, and reads
 (/recommend*) too when CLLM4REC_AUTH_READS is true; /healthz, /readyz and /metrics never do, so
 probes and scrapers need no secret. Without a key, /admin/* answers clients on this host only
-(loopback): an admin call makes the server read files, which no one else should be able to ask. The key comes as `Authorization: Bearer KEY` or
-`X-API-Key: KEY`. Both security schemes are declared in the OpenAPI schema.
+(loopback): an admin call makes the server read files, which no one else should be able to ask.
+The key comes as `Authorization: Bearer KEY` or `X-API-Key: KEY`. Both security schemes are
+declared in the OpenAPI schema.
 """
 
 from __future__ import annotations
@@ -67,9 +68,11 @@ def require_key_for_reads(request: Request, credentials: BearerCredentials, head
     check_api_key(request, credentials, header_key, write=False)
 
 
-def require_key_or_loopback_for_admin(request: Request, credentials: BearerCredentials, header_key: HeaderKey) -> None:
+def require_key_or_loopback_for_admin(request: Request, credentials: BearerCredentials,
+                                      header_key: HeaderKey) -> None:
     check_api_key(request, credentials, header_key, write=True)
-    if request.app.state.settings.api_key is None and not is_loopback(request.client.host if request.client else None):
+    client = request.client.host if request.client else None
+    if request.app.state.settings.api_key is None and not is_loopback(client):
         raise Forbidden("without CLLM4REC_API_KEY the admin endpoints answer this host only: set a key to call "
                         "them over the network, or send SIGHUP to the server to reload")
 

@@ -32,9 +32,9 @@ redis_operation_duration = Histogram(
     "cllm4rec_redis_operation_duration_seconds", "Latency of one history store call to Redis (failed calls included)",
     ["operation"], buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0))
 errors = Counter(
-    "cllm4rec_errors_total", "Requests answered with an error, by kind: unauthorized (401), forbidden (403), too_large (413), "
-    "validation (422), overloaded (503, queue full), history_store (503, Redis unreachable), timeout (504), "
-    "reload_failed (400), internal (500)", ["kind"])
+    "cllm4rec_errors_total", "Requests answered with an error, by kind: unauthorized (401), forbidden (403), "
+    "too_large (413), validation (422), overloaded (503, queue full), history_store (503, Redis unreachable), "
+    "timeout (504), reload_failed (400), internal (500)", ["kind"])
 cold_start = Counter(
     "cllm4rec_cold_start_total", "Recommendations for users the model has no token for (history-only prompt or "
     "fallback)")

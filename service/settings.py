@@ -53,7 +53,7 @@ class Settings(BaseSettings):
         "auto", description="auto: CUDA when available, else CPU")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="weights of the backbone and embeddings; auto: float32, computed in bfloat16 "
-        "on CUDA (autocast), the fastest measured there; float16/bfloat16: weights in half precision")
+        "on CUDA (autocast, as in training); float16/bfloat16: weights in half precision")
     torch_threads: int = Field(0, ge=0, description="intra-op CPU threads of the forward pass; 0: one per "
                                "available CPU")
 

@@ -85,7 +85,8 @@ def test_reload_under_traffic_fails_no_request_and_switches_versions(tiny_checkp
 
 def test_a_batch_spanning_the_swap_is_scored_in_one_pass_per_model(tiny_checkpoint, tmp_path):
     variant_checkpoint(tiny_checkpoint, tmp_path / "new", scale=2.0)
-    old, new = ServedModel.load(tiny_checkpoint, server_settings(tiny_checkpoint)), ServedModel.load(tmp_path / "new", server_settings(tmp_path / "new"))
+    old = ServedModel.load(tiny_checkpoint, server_settings(tiny_checkpoint))
+    new = ServedModel.load(tmp_path / "new", server_settings(tmp_path / "new"))
     jobs = [old.job(0, [1, 2], [1, 2], 5), new.job(0, [1, 2], [1, 2], 5), old.job(3, [4], [4], 5)]
     alone = [job.model.score([job])[0] for job in jobs]
     passes = []
