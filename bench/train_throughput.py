@@ -25,7 +25,8 @@ from model.backbone import DEFAULT_BACKBONE, load_backbone
 from model.cllm4rec import CLLM4Rec, score_prompts
 from model.data import load_dataset, split_dataset
 from model.prompts import PromptTemplates, TokenSpace, build_recommend_prompt
-from model.train import Trainer, TrainConfig
+from model.config import TrainConfig
+from model.train import Trainer
 
 
 def time_batches(step, batches) -> float:

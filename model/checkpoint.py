@@ -3,7 +3,9 @@
     checkpoint.json         format and version, model version id, backbone reference and layer
                             count, sizes, prompt templates, training config and best metrics,
                             sha256 of every file below
-    embeddings.safetensors  collab_users, collab_items, content_users, content_items (float32)
+    embeddings.safetensors  collab_users, collab_items, content_users, content_items (float32), and the
+                            item head's item_bias and logit_scale (format 2; format 1 has none: bias 0,
+                            scale 1, the paper's head)
     split.safetensors       the train/val/test split as (user, item, part) index arrays
     ids.json                user ids, item ids and item titles (index order)
     metrics.jsonl           one line per training epoch (appended by the trainer; not checksummed)
@@ -36,13 +38,15 @@ from model.data import Split
 from model.prompts import PromptTemplates, TokenSpace
 
 FORMAT = "cllm4rec-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 META_FILE = "checkpoint.json"
 EMBEDDINGS_FILE = "embeddings.safetensors"
 SPLIT_FILE = "split.safetensors"
 IDS_FILE = "ids.json"
 METRICS_FILE = "metrics.jsonl"
 TABLES = ("collab_users", "collab_items", "content_users", "content_items")
+HEAD = ("item_bias", "logit_scale")
 
 
 class CheckpointError(ValueError):
@@ -102,8 +106,21 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     _replace_atomically(path, lambda tmp: save_torch({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp))
 
 
-def model_tables(model: CLLM4Rec) -> dict[str, torch.Tensor]:
-    return {name: getattr(model, name).weight.detach().float().cpu() for name in TABLES}
+def model_tensors(model: CLLM4Rec) -> dict[str, torch.Tensor]:
+    """Everything a checkpoint keeps of the model: the four tables and the item head's parameters."""
+    tensors = {name: getattr(model, name).weight.detach().float().cpu() for name in TABLES}
+    tensors.update({name: getattr(model, name).detach().float().cpu() for name in HEAD})
+    return tensors
+
+
+def load_model_tensors(model: CLLM4Rec, tensors: dict[str, torch.Tensor]) -> None:
+    """The inverse of model_tensors; head parameters a format-1 checkpoint lacks keep the paper's head."""
+    with torch.no_grad():
+        for name in TABLES:
+            getattr(model, name).weight.copy_(tensors[name])
+        for name in HEAD:
+            if name in tensors:
+                getattr(model, name).copy_(tensors[name])
 
 
 def save_checkpoint(directory: str | Path, model: CLLM4Rec, *, backbone: str, backbone_layers: int,
@@ -113,7 +130,7 @@ def save_checkpoint(directory: str | Path, model: CLLM4Rec, *, backbone: str, ba
     """Write the checkpoint; returns its model version id (derived from the embeddings' hash)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_tensors(directory / EMBEDDINGS_FILE, model_tables(model))
+    save_tensors(directory / EMBEDDINGS_FILE, model_tensors(model))
     _replace_atomically(directory / SPLIT_FILE, lambda tmp: save_numpy(split.to_arrays(), tmp))
     write_json(directory / IDS_FILE, {"users": user_ids, "items": item_ids, "titles": item_titles})
     files = {name: sha256_file(directory / name) for name in (EMBEDDINGS_FILE, SPLIT_FILE, IDS_FILE)}
@@ -171,9 +188,10 @@ def read_checkpoint(directory: str | Path) -> Checkpoint:
         raise CheckpointError(f"{meta_path}: not a cllm4rec checkpoint (format is {meta.get('format')!r})"
                               if isinstance(meta, dict) else f"{meta_path}: not a cllm4rec checkpoint")
     version = meta.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise CheckpointError(f"{directory}: checkpoint format version {version}, this cllm4rec reads "
-                              f"version {FORMAT_VERSION}; use the cllm4rec release that wrote it or retrain")
+                              f"versions {', '.join(map(str, READABLE_VERSIONS))}; use the cllm4rec release that "
+                              "wrote it or retrain")
     required = ("model_version", "backbone", "n_users", "n_items", "templates", "max_history", "files")
     missing = [k for k in required if k not in meta]
     if missing:
@@ -207,6 +225,11 @@ def read_checkpoint(directory: str | Path) -> Checkpoint:
             raise CheckpointError(f"{directory}: {EMBEDDINGS_FILE} has no tensor {name!r}")
         if tuple(tensor.shape) != (rows, hidden):
             raise CheckpointError(f"{directory}: {name} has shape {tuple(tensor.shape)}, expected ({rows}, {hidden})")
+    for name, shape in (("item_bias", (n_items,)), ("logit_scale", ())):
+        if version >= 2 and name not in embeddings:
+            raise CheckpointError(f"{directory}: {EMBEDDINGS_FILE} has no tensor {name!r}")
+        if name in embeddings and tuple(embeddings[name].shape) != shape:
+            raise CheckpointError(f"{directory}: {name} has shape {tuple(embeddings[name].shape)}, expected {shape}")
     try:
         ids = json.loads((directory / IDS_FILE).read_text(encoding="utf-8"))
         sizes = len(ids["users"]), len(ids["items"]), len(ids["titles"])
@@ -255,9 +278,7 @@ def build_model(checkpoint: Checkpoint, backbone_model, tokenizer) -> tuple[CLLM
     model = CLLM4Rec(backbone_model, meta["n_users"], meta["n_items"])
     dtype = word_embeddings.weight.dtype
     device = word_embeddings.weight.device
-    with torch.no_grad():
-        for name in TABLES:
-            getattr(model, name).weight.copy_(checkpoint.embeddings[name])
+    load_model_tensors(model, checkpoint.embeddings)
     model.to(device=device, dtype=dtype)
     model.eval()
     space = TokenSpace(tokenizer, word_embeddings.num_embeddings, meta["n_users"], meta["n_items"],

@@ -14,7 +14,9 @@ from model.checkpoint import load_recommender, read_checkpoint
 from model.data import DataError, load_dataset
 from model.evaluate import (EASE_LAMBDA_USERS, EASE_LAMBDAS, ease_scorer, evaluate_cllm4rec, evaluate_scorer,
                             evaluation_users, metric_names, most_popular_scorer, pick_ease_lambda, sample_users)
-from model.train import TrainConfig, resolve_device, train
+from model.config import TrainConfig, resolve_device
+from model.recipes import RECIPES, recipe_options
+from model.train import train
 
 # Options whose flag is not simply the field name with dashes, or that need help text.
 HELP = {
@@ -36,29 +38,61 @@ HELP = {
     "resume": "continue the run in --out from its last completed epoch",
     "seed": "seed of the split and of training",
     "init_std": "standard deviation of the random initial token embeddings (paper: 0.02)",
-    "text_init": "start item tokens from their title's word embeddings and users from their items (not in the paper)",
+    "init": "where soft tokens start: random N(0, init-std) (paper), text (title words), collaborative "
+            "(SVD of the training matrix on the word embeddings' principal directions), text+collaborative",
+    "init_rank": "rank of the collaborative factorisation (0: the backbone's width)",
+    "head_bias": "train a per-item bias and a logit scale in the tied item head (not in the paper)",
+    "distill_weight": "weight of the cross-entropy towards a teacher (EASE, or low-rank for large catalogues) "
+                      "fitted on the training part, relative to the multinomial likelihood (0: off)",
+    "distill_temperature": "teacher softmax temperature, in units of its mean best score over training users",
+    "distill_lambda": "the teacher's regularisation (0: the best of evaluate's EASE grid on validation)",
+    "teacher_max_items": "EASE teacher up to this many items (a dense items x items matrix), low-rank beyond",
+    "teacher_rank": "rank of the low-rank teacher",
+    "lr_schedule": "finetuning learning rate: constant, or cosine decay (over the epochs or the time budget)",
+    "warmup_steps": "finetuning steps of linear learning-rate warm-up",
+    "lr_floor": "where cosine decay ends, as a fraction of --finetune-lr",
+    "weight_decay": "decoupled weight decay of the collaborative user/item rows a step trains",
+    "time_budget": "minutes of training (data loading included), then a clean stop keeping the best checkpoint "
+                   "(0: no budget)",
+    "patience": "finetuning epochs without improvement before stopping (0: no early stopping)",
+    "recipe": "a named set of options (explicit options override it): "
+              + "; ".join(f"{name}: " + ", ".join(f"{k}={v}" for k, v in options.items())
+                          for name, options in RECIPES.items()),
 }
 
 
 def add_train_parser(subparsers) -> None:
     p = subparsers.add_parser("train", help="train a CLLM4Rec checkpoint from a dataset directory",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              description="Options not given take the recipe's value, else the default shown.")
     for field in dataclasses.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
         if field.name in ("data", "out"):
             p.add_argument(flag, required=True, help="dataset directory" if field.name == "data" else
                            "checkpoint directory to write")
+            continue
+        # No argparse default: an option left out must not override the recipe (SUPPRESS keeps it unset).
+        shown = HELP.get(field.name, "")
+        by_recipe = [f"{name}: {options[field.name]}" for name, options in RECIPES.items() if field.name in options]
+        shown += f" (default: {field.default}" + (f"; {', '.join(by_recipe)}" if by_recipe else "") + ")"
+        if field.name == "recipe":
+            p.add_argument(flag, choices=["none", *RECIPES], default=argparse.SUPPRESS, help=shown)
         elif field.type in ("bool", bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default,
-                           help=HELP.get(field.name, ""))
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=shown)
         else:
             kind = {"int": int, "float": float, "str": str, "int | None": int}[field.type]
-            p.add_argument(flag, type=kind, default=field.default, help=HELP.get(field.name, " "))
+            p.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=shown)
     p.set_defaults(func=run_train)
 
 
+def train_config(args) -> TrainConfig:
+    """Defaults, then the recipe's options, then the options given on the command line."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    recipe = given.get("recipe", "none")
+    return TrainConfig(**{**recipe_options(recipe), **given})
+
+
 def run_train(args) -> int:
-    config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    config = train_config(args)
     try:
         best = train(config)
     except KeyboardInterrupt:

@@ -6,7 +6,14 @@
 Ids below n_words are the backbone's own (frozen) word embeddings; the rest index the tables of
 the chosen view (layout in model.prompts). The item head is tied to the collaborative item
 embeddings: an item's logit is the last hidden state dotted with that item's embedding, so the
-model can only ever name items that exist.
+model can only ever name items that exist. Two small head parameters that the paper does not have
+(docs/training.md, ablations) sit on top of the tie:
+
+    logit_j = logit_scale * (hidden . collab_items[j]) + item_bias[j]
+
+logit_scale lets the sharpness of the softmax be learned instead of being carried by the norms of
+576-wide embeddings; item_bias carries popularity, which a dot product can only express by bending
+every item vector towards one direction. With scale 1 and bias 0 the head is the paper's.
 """
 
 from __future__ import annotations
@@ -48,7 +55,9 @@ class RecommendBatch:
     attention_mask: torch.Tensor  # [B, T]
     targets: torch.Tensor  # [B, J] multi-hot of the items to predict
     users: torch.Tensor
-    items: torch.Tensor
+    items: torch.Tensor  # the prompt's history items and the targets (mutual regularization)
+    histories: list[list[int]]  # each prompt's history items (the teacher's input)
+    teacher: torch.Tensor | None = None  # [B, J] weighted teacher distribution (distillation), or None
 
     @property
     def n_tokens(self) -> int:
@@ -89,10 +98,13 @@ def collate_recommend(prompts: Sequence[list[int]], targets: Sequence[Sequence[i
     multi_hot = torch.zeros((len(prompts), n_items))
     for b, t in enumerate(targets):
         multi_hot[b, list(t)] = 1.0
+    # Regularized: every item whose embedding the pass trains, in the prompt or as a target.
+    items = sorted({i for h in histories for i in h} | {i for t in targets for i in t})
     return RecommendBatch(
         ids, mask, multi_hot,
         torch.as_tensor([u for u in users if u is not None], dtype=torch.long),
-        torch.as_tensor([i for h in histories for i in h], dtype=torch.long),
+        torch.as_tensor(items, dtype=torch.long),
+        [list(h) for h in histories],
     )
 
 
@@ -105,7 +117,7 @@ class CLLM4Rec(nn.Module):
         self.n_words = word_embeddings.num_embeddings
         self.n_users = n_users
         self.n_items = n_items
-        hidden = word_embeddings.embedding_dim
+        hidden = self.hidden_size = word_embeddings.embedding_dim
         # Sparse gradients where a table is only looked up: a step then updates the rows in the
         # batch, not the whole catalogue. collab_items is also the item head, where every item
         # gets a gradient, so it stays dense.
@@ -115,6 +127,8 @@ class CLLM4Rec(nn.Module):
         self.content_items = nn.Embedding(n_items, hidden, sparse=True)
         for table in self.tables(COLLAB) + self.tables(CONTENT):
             nn.init.normal_(table.weight, std=init_std)
+        self.item_bias = nn.Parameter(torch.zeros(n_items))
+        self.logit_scale = nn.Parameter(torch.ones(()))
 
     def tables(self, view: str) -> tuple[nn.Embedding, nn.Embedding]:
         return (self.collab_users, self.collab_items) if view == COLLAB else (self.content_users, self.content_items)
@@ -141,9 +155,17 @@ class CLLM4Rec(nn.Module):
                                        use_cache=False)
         return out.last_hidden_state
 
+    def head_parameters(self) -> list[nn.Parameter]:
+        return [self.item_bias, self.logit_scale]
+
     def item_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Scores of every item: the item head is tied to the collaborative item embeddings."""
-        return hidden.float() @ self.collab_items.weight.float().T
+        """Scores of every item: the item head is tied to the collaborative item embeddings.
+
+        Always float32, also inside CUDA's bf16 autocast: bf16 logits tie items in the top k, and
+        validation, the best-epoch choice and served rankings all read these scores."""
+        with torch.autocast(hidden.device.type, enabled=False):
+            logits = hidden.float() @ self.collab_items.weight.float().T
+            return self.logit_scale.float() * logits + self.item_bias.float()
 
     # --- losses --------------------------------------------------------------------------------
     def mutual_regularization(self, view: str, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
@@ -173,9 +195,12 @@ class CLLM4Rec(nn.Module):
         return F.cross_entropy(logits, batch.labels[at], reduction="sum")
 
     def recommend_nll(self, batch: RecommendBatch) -> torch.Tensor:
-        """Multinomial negative log-likelihood of the target items, summed over the batch."""
+        """Multinomial negative log-likelihood of the target items, summed over the batch, plus the
+        cross-entropy towards the teacher's (weighted) distribution when the batch carries one."""
         logits = self.prompt_item_logits(batch.input_ids, batch.attention_mask)
-        return -(F.log_softmax(logits, dim=-1) * batch.targets).sum()
+        log_probs = F.log_softmax(logits, dim=-1)
+        targets = batch.targets if batch.teacher is None else batch.targets + batch.teacher
+        return -(log_probs * targets).sum()
 
     def prompt_item_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.hidden_states(input_ids, attention_mask, COLLAB)

@@ -28,7 +28,7 @@ from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from model.train import ConfigError
+from model.config import ConfigError
 from service import metrics
 from service.batcher import Overloaded
 from service.dependencies import Forbidden, Unauthorized

@@ -30,7 +30,8 @@ from model.backbone import BackboneError
 from model.checkpoint import CheckpointError, read_checkpoint
 from model.data import DataError
 from model.synthetic import write_synthetic_dataset
-from model.train import STATE_DIR, ConfigError, TrainConfig, train
+from model.config import ConfigError, TrainConfig
+from model.train import STATE_DIR, train
 from service.app import begin_shutdown, create_app
 from service.engine import ReloadFailed, ServedModel
 from service.histories import HistoryStoreUnavailable, RedisHistoryStore, checkpoint_histories

@@ -36,7 +36,7 @@ from model.backbone import BackboneError
 from model.checkpoint import CheckpointError, Recommender, load_recommender
 from model.cllm4rec import score_prompts
 from model.prompts import build_recommend_prompt
-from model.train import ConfigError
+from model.config import ConfigError
 from service import metrics
 from service.batcher import Batcher
 from service.histories import HistoryStore, seed_from_checkpoint

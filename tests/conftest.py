@@ -80,7 +80,8 @@ def synthetic_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory, tiny_llama, synthetic_data) -> Path:
     """A trained tiny checkpoint (a few seconds of training): for checkpoint, evaluation and server tests."""
-    from model.train import TrainConfig, train
+    from model.config import TrainConfig
+    from model.train import train
 
     out = tmp_path_factory.mktemp("checkpoint") / "ckpt"
     train(TrainConfig(data=str(synthetic_data), out=str(out), backbone=str(tiny_llama), content_epochs=1,

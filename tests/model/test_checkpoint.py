@@ -66,7 +66,7 @@ def edit_meta(directory, change):
 
 def test_newer_format_is_refused_with_the_versions(checkpoint_copy):
     edit_meta(checkpoint_copy, lambda m: m.update(format_version=99))
-    with pytest.raises(CheckpointError, match="format version 99, this cllm4rec reads version 1"):
+    with pytest.raises(CheckpointError, match="format version 99, this cllm4rec reads versions 1, 2"):
         read_checkpoint(checkpoint_copy)
 
 

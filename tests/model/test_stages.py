@@ -5,7 +5,7 @@ import torch
 
 from model.backbone import load_backbone
 from model.cllm4rec import COLLAB, CONTENT, CLLM4Rec, collate_documents, collate_recommend
-from model.train import make_optimizers
+from model.optimisation import make_optimizers
 from model.prompts import (PromptTemplates, TokenSpace, build_collaborative_document, build_content_documents,
                            build_recommend_prompt)
 
@@ -43,10 +43,11 @@ def model_and_space(request):
     return setup(request.getfixturevalue(request.param))
 
 
-def test_backbone_stays_frozen_and_only_soft_tokens_train(model_and_space):
+def test_backbone_stays_frozen_and_only_soft_tokens_and_the_head_train(model_and_space):
     model, _ = model_and_space
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {"collab_users.weight", "collab_items.weight", "content_users.weight", "content_items.weight"}
+    assert trainable == {"collab_users.weight", "collab_items.weight", "content_users.weight", "content_items.weight",
+                         "item_bias", "logit_scale"}
 
 
 def test_collaborative_lm_loss_falls(model_and_space):
@@ -102,4 +103,24 @@ def test_mutual_regularization_pulls_the_two_views_together(tiny_llama):
 def test_item_head_is_tied_to_the_collaborative_item_embeddings(tiny_llama):
     model, _ = setup(tiny_llama)
     hidden = torch.randn(3, model.collab_items.embedding_dim)
-    assert torch.allclose(model.item_logits(hidden), hidden @ model.collab_items.weight.T)
+    assert torch.allclose(model.item_logits(hidden), hidden @ model.collab_items.weight.T)  # scale 1, bias 0 at start
+    with torch.no_grad():
+        model.logit_scale.fill_(2.5)
+        model.item_bias.copy_(torch.arange(N_ITEMS, dtype=torch.float32))
+    assert torch.allclose(model.item_logits(hidden), 2.5 * hidden @ model.collab_items.weight.T + model.item_bias)
+
+
+def test_item_head_computes_in_float32_inside_autocast(tiny_llama):
+    """bf16 logits tie items in the top k: the head leaves autocast (on CUDA it is on during scoring)."""
+    model, _ = setup(tiny_llama)
+    hidden = torch.randn(3, model.collab_items.embedding_dim)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model.item_logits(hidden)
+    assert logits.dtype == torch.float32
+    assert torch.allclose(logits, hidden @ model.collab_items.weight.T, atol=1e-5)
+
+
+def test_recommendation_pass_regularizes_history_and_target_items(tiny_llama):
+    model, space = setup(tiny_llama)
+    batch = collate_recommend([build_recommend_prompt(space, 0, [1, 2], 10)], [[3, 4]], [0], [[1, 2]], N_ITEMS)
+    assert batch.items.tolist() == [1, 2, 3, 4]

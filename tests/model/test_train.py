@@ -9,7 +9,8 @@ from model import train as train_module
 from model.checkpoint import METRICS_FILE, load_recommender, read_checkpoint
 from model.evaluate import evaluate_cllm4rec, evaluate_scorer, evaluation_users, most_popular_scorer
 from model.synthetic import write_synthetic_dataset
-from model.train import ConfigError, TrainConfig, train
+from model.config import ConfigError, TrainConfig
+from model.train import train
 from service.cli import main as cli
 
 
@@ -121,13 +122,14 @@ def test_text_init_starts_items_at_their_title_words(planted_data, tiny_llama):
     from model.backbone import load_backbone
     from model.cllm4rec import CLLM4Rec
     from model.data import load_dataset, split_dataset
-    from model.train import initialize_from_text
+    from model.initialise import initialise
 
     dataset = load_dataset(planted_data)
     split = split_dataset(dataset, seed=0)
     backbone, tokenizer = load_backbone(str(tiny_llama))
     model = CLLM4Rec(backbone, dataset.n_users, dataset.n_items)
-    assert initialize_from_text(model, tokenizer, dataset, split) == dataset.n_items
+    assert f"{dataset.n_items} of {dataset.n_items} items from their titles" in initialise(
+        model, "text", tokenizer, dataset, split, rank=0)
     words = backbone.get_input_embeddings().weight
     ids = tokenizer(dataset.item_titles[5], add_special_tokens=False)["input_ids"]
     assert torch.allclose(model.collab_items.weight[5], words[ids].mean(0))

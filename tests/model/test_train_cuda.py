@@ -9,7 +9,8 @@ from model.cllm4rec import score_prompts
 from model.evaluate import evaluate_cllm4rec, evaluate_scorer, evaluation_users, most_popular_scorer
 from model.prompts import build_recommend_prompt
 from model.synthetic import write_synthetic_dataset
-from model.train import TrainConfig, train
+from model.config import TrainConfig
+from model.train import train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
