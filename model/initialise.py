@@ -50,7 +50,8 @@ def factorise(split: Split, n_items: int, rank: int, seed: int = 0) -> Factorisa
     coo = normalised.tocoo()
     rank = max(1, min(rank, min(x.shape) - 1))
     torch.manual_seed(seed)
-    matrix = torch.sparse_coo_tensor(np.vstack([coo.row, coo.col]), torch.as_tensor(coo.data), x.shape)
+    matrix = torch.sparse_coo_tensor(np.vstack([coo.row, coo.col]), torch.as_tensor(coo.data), x.shape,
+                                     check_invariants=False)
     u, s, v = torch.svd_lowrank(matrix, q=rank, niter=6)
     root = s.sqrt()
     return Factorisation((u * root).float(), (v * root).float())

@@ -51,7 +51,7 @@ class Teacher:
         rows = torch.as_tensor([b for b, h in enumerate(histories) for _ in h], dtype=torch.long)
         cols = torch.as_tensor([i for h in histories for i in h], dtype=torch.long)
         x = torch.sparse_coo_tensor(torch.stack([rows, cols]), torch.ones(len(cols)),
-                                    (len(histories), self.n_items))
+                                    (len(histories), self.n_items), check_invariants=False)
         if self.weights is not None:
             return torch.sparse.mm(x, self.weights)
         return torch.sparse.mm(x, self.factors) @ self.basis.T
@@ -75,7 +75,8 @@ def fit_low_rank(train: sp.csr_matrix, lam: float, rank: int, seed: int = 0) -> 
     rank = min(rank, min(train.shape) - 1)
     torch.manual_seed(seed)
     coo = train.tocoo()
-    x = torch.sparse_coo_tensor(np.vstack([coo.row, coo.col]), torch.as_tensor(coo.data), train.shape)
+    x = torch.sparse_coo_tensor(np.vstack([coo.row, coo.col]), torch.as_tensor(coo.data), train.shape,
+                                check_invariants=False)
     _, s, v = torch.svd_lowrank(x, q=rank, niter=4)
     shrink = s**2 / (s**2 + lam)
     return Teacher("low-rank", lam, None, (v * shrink).float().contiguous(), v.float().contiguous())

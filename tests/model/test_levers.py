@@ -1,0 +1,191 @@
+"""The quality levers do what they say: teacher, collaborative initialisation, recipes, time budget,
+and the training run's bookkeeping (curves, validation of the right epochs, option checks)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model.backbone import load_backbone
+from model.checkpoint import METRICS_FILE, load_recommender, read_checkpoint
+from model.cli import add_train_parser, train_config
+from model.cllm4rec import COLLAB, CLLM4Rec
+from model.config import ConfigError, TrainConfig
+from model.data import Split, load_dataset, split_dataset
+from model.evaluate import interaction_matrix
+from model.initialise import embedding_frame, factorise, initialise
+from model.recipes import RECIPES
+from model.synthetic import write_synthetic_dataset
+from model.teachers import fit_teacher
+from model.train import TENSORBOARD_DIR, train
+from service.cli import main as cli
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "training.md"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_synthetic_dataset(tmp_path_factory.mktemp("levers"), n_users=150, n_items=60, n_categories=6,
+                                   min_items=6, max_items=12, seed=3, reviews=False)
+
+
+def quick_config(data, out, backbone, **overrides):
+    config = dict(data=str(data), out=str(out), backbone=str(backbone), content_epochs=0, pretrain_epochs=0,
+                  finetune_epochs=3, batch_size=16, val_users=0, finetune_lr=1e-2, finetune_content=False)
+    config.update(overrides)
+    return TrainConfig(**config)
+
+
+# --- the teacher ----------------------------------------------------------------------------------
+
+def test_teacher_never_reads_held_out_items(data):
+    """Fitted with a fixed lambda, the teacher is the same whatever the validation and test parts hold."""
+    dataset = load_dataset(data)
+    split = split_dataset(dataset, seed=0)
+    emptied = Split(split.train, [np.zeros(0, dtype=np.int64)] * len(split.train),
+                    [np.zeros(0, dtype=np.int64)] * len(split.train))
+    for max_dense in (10**6, 0):  # EASE and the low-rank teacher
+        a = fit_teacher(split, dataset.n_items, 200.0, max_dense, 16, [], seed=0)
+        b = fit_teacher(emptied, dataset.n_items, 200.0, max_dense, 16, [], seed=0)
+        history = [split.train[0].tolist(), split.train[1].tolist()]
+        assert torch.allclose(a.scores(history), b.scores(history), atol=1e-6), a.kind
+        distribution = a.distribution(history, 0.5)
+        assert torch.allclose(distribution.sum(1), torch.ones(2))
+        assert float(distribution[0, history[0]].sum()) == 0.0  # prompt items are not targets
+
+
+def test_ease_teacher_scores_are_sums_of_its_rows(data):
+    dataset = load_dataset(data)
+    split = split_dataset(dataset, seed=0)
+    teacher = fit_teacher(split, dataset.n_items, 100.0, 10**6, 16, [], seed=0)
+    history = split.train[4].tolist()
+    assert torch.allclose(teacher.scores([history])[0], teacher.weights[history].sum(0), atol=1e-6)
+    assert teacher.top1 > 0
+
+
+def test_distillation_term_falls_during_training(data, tiny_llama, tmp_path):
+    out = tmp_path / "distilled"
+    train(quick_config(data, out, tiny_llama, finetune_epochs=4, distill_weight=1.0, distill_lambda=100.0))
+    records = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()]
+    losses = [r["passes"]["recommend"]["nll_per_target"] for r in records]
+    assert losses[-1] < losses[0], losses
+
+
+# --- collaborative initialisation ------------------------------------------------------------------
+
+def test_collaborative_init_reproduces_the_factorisation(data, tiny_llama):
+    dataset = load_dataset(data)
+    split = split_dataset(dataset, seed=0)
+    backbone, tokenizer = load_backbone(str(tiny_llama))
+    model = CLLM4Rec(backbone, dataset.n_users, dataset.n_items)
+    rank = 8
+    initialise(model, "collaborative", tokenizer, dataset, split, rank, seed=0)
+    factors = factorise(split, dataset.n_items, rank, seed=0)
+    words = backbone.get_input_embeddings().weight.detach()
+    mean, directions, spread = embedding_frame(words, rank)
+    # Read back: the coordinates on the word embeddings' principal directions, in units of their spread,
+    # are the factors up to one common scale, so every user . item of the factorisation is kept.
+    items = (model.collab_items.weight.detach() - mean) @ directions / spread
+    users = (model.collab_users.weight.detach() - mean) @ directions / spread
+    scale = factors.items.std(0)
+    assert torch.allclose(items * scale, factors.items, atol=1e-4)
+    assert torch.allclose(users * scale, factors.users, atol=1e-4)
+    assert torch.equal(model.collab_items.weight, model.content_items.weight)
+    # The factorisation itself: user . item approximates the normalised training matrix.
+    x = interaction_matrix(split, "val", dataset.n_items).toarray()
+    normalised = x / np.sqrt(np.maximum(x.sum(1, keepdims=True), 1)) / np.sqrt(np.maximum(x.sum(0, keepdims=True), 1))
+    approx = (factors.users @ factors.items.T).numpy()
+    assert np.linalg.norm(normalised - approx) < 0.9 * np.linalg.norm(normalised)
+
+
+def test_text_and_collaborative_init_adds_the_offset_to_the_title_vector(data, tiny_llama):
+    dataset = load_dataset(data)
+    split = split_dataset(dataset, seed=0)
+    backbone, tokenizer = load_backbone(str(tiny_llama))
+    text, both = (CLLM4Rec(backbone, dataset.n_users, dataset.n_items) for _ in range(2))
+    initialise(text, "text", tokenizer, dataset, split, 8)
+    initialise(both, "collaborative", tokenizer, dataset, split, 8)
+    collaborative_offset = both.collab_items.weight - backbone.get_input_embeddings().weight.mean(0)
+    initialise(both, "text+collaborative", tokenizer, dataset, split, 8)
+    assert torch.allclose(both.collab_items.weight, text.collab_items.weight + collaborative_offset, atol=1e-5)
+
+
+# --- recipes, options and the run's bookkeeping ----------------------------------------------------
+
+def parse_train(argv):
+    parser = argparse.ArgumentParser()
+    add_train_parser(parser.add_subparsers())
+    return parser.parse_args(["train", "--data", "d", "--out", "o", *argv])
+
+
+def test_recipe_sets_its_options_and_explicit_options_override_it():
+    config = train_config(parse_train(["--recipe", "cpu", "--finetune-lr", "5e-4", "--no-head-bias"]))
+    for name, value in RECIPES["cpu"].items():
+        if name not in ("finetune_lr", "head_bias"):
+            assert getattr(config, name) == value, name
+    assert config.finetune_lr == 5e-4 and config.head_bias is False
+    assert train_config(parse_train([])) == TrainConfig(data="d", out="o")
+
+
+def test_docs_state_what_each_recipe_sets():
+    """docs/training.md's recipe table lists every option of every recipe with its value."""
+    text = DOCS.read_text()
+    rows = dict(re.findall(r"^\| `--([a-z-]+)` \| ([^|]*)\|", text, flags=re.M))
+    for recipe, options in RECIPES.items():
+        table = re.search(rf"<!-- recipe {recipe} -->(.*?)<!-- /recipe -->", text, flags=re.S)
+        assert table, f"no table for recipe {recipe}"
+        documented = dict(re.findall(r"^\| `--([a-z-]+)` \| `([^`]*)` \|", table.group(1), flags=re.M))
+        assert documented == {k.replace("_", "-"): str(v) for k, v in options.items()}, recipe
+    assert rows  # the tables were found at all
+
+
+def test_time_budget_stops_training_and_keeps_a_loadable_best_checkpoint(data, tiny_llama, tmp_path, capsys):
+    out = tmp_path / "budget"
+    train(quick_config(data, out, tiny_llama, finetune_epochs=10_000, patience=0, time_budget=0.25))
+    assert "time budget of 0.25 min reached" in capsys.readouterr().out
+    records = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()]
+    assert 1 <= len(records) < 10_000
+    recommender = load_recommender(out, "cpu")
+    best = max(records, key=lambda r: r["score"])
+    assert recommender.checkpoint.meta["metrics"]["epoch"] == best["epoch"]
+
+
+def test_curves_are_written_for_tensorboard(data, tiny_llama, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "curves"
+    train(quick_config(data, out, tiny_llama, pretrain_epochs=1, finetune_epochs=2))
+    events = EventAccumulator(str(out / TENSORBOARD_DIR))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"val/recall@20", "val/ndcg@100", "loss/recommend", "loss/collaborative", "lr/recommend"} <= set(tags)
+    assert [e.step for e in events.Scalars("val/recall@20")] == [1, 2, 3]
+
+
+def test_content_epochs_are_not_validated_and_patience_zero_never_stops_early(tiny_llama, tmp_path):
+    text_data = write_synthetic_dataset(tmp_path / "text", n_users=60, n_items=30, n_categories=3, min_items=5,
+                                        max_items=8, seed=4)
+    out = tmp_path / "ckpt"
+    train(quick_config(text_data, out, tiny_llama, content_epochs=2, finetune_epochs=3, finetune_lr=1e-12,
+                       patience=0, max_text_tokens=8))
+    records = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()]
+    assert [r["stage"] for r in records] == ["content", "content", "finetune", "finetune", "finetune"]
+    assert [r["val"] is None for r in records] == [True, True, False, False, False]
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--val-users", "-1"], "--val-users must not be negative"),
+    (["--patience", "-2"], "--patience must not be negative"),
+    (["--init", "svd"], "--init must be one of"),
+    (["--distill-temperature", "0"], "--distill-temperature must be positive"),
+    (["--time-budget", "-5"], "--time-budget must not be negative"),
+])
+def test_bad_options_are_cli_errors(data, tmp_path, capsys, option, message):
+    assert cli(["train", "--data", str(data), "--out", str(tmp_path / "o"), *option]) == 2
+    assert message in capsys.readouterr().err
