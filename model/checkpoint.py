@@ -4,8 +4,8 @@
                             count, sizes, prompt templates, training config and best metrics,
                             sha256 of every file below
     embeddings.safetensors  collab_users, collab_items, content_users, content_items (float32), and the
-                            item head's item_bias and logit_scale (format 2; format 1 has none: bias 0,
-                            scale 1, the paper's head)
+                            item head's item_bias, logit_scale and head_projection (format 2; format 1
+                            has none: bias 0, scale 1, identity, the paper's head)
     split.safetensors       the train/val/test split as (user, item, part) index arrays
     ids.json                user ids, item ids and item titles (index order)
     metrics.jsonl           one line per training epoch (appended by the trainer; not checksummed)
@@ -46,7 +46,7 @@ SPLIT_FILE = "split.safetensors"
 IDS_FILE = "ids.json"
 METRICS_FILE = "metrics.jsonl"
 TABLES = ("collab_users", "collab_items", "content_users", "content_items")
-HEAD = ("item_bias", "logit_scale")
+HEAD = ("item_bias", "logit_scale", "head_projection")
 
 
 class CheckpointError(ValueError):
@@ -225,7 +225,7 @@ def read_checkpoint(directory: str | Path) -> Checkpoint:
             raise CheckpointError(f"{directory}: {EMBEDDINGS_FILE} has no tensor {name!r}")
         if tuple(tensor.shape) != (rows, hidden):
             raise CheckpointError(f"{directory}: {name} has shape {tuple(tensor.shape)}, expected ({rows}, {hidden})")
-    for name, shape in (("item_bias", (n_items,)), ("logit_scale", ())):
+    for name, shape in (("item_bias", (n_items,)), ("logit_scale", ()), ("head_projection", (hidden, hidden))):
         if version >= 2 and name not in embeddings:
             raise CheckpointError(f"{directory}: {EMBEDDINGS_FILE} has no tensor {name!r}")
         if name in embeddings and tuple(embeddings[name].shape) != shape:

@@ -42,10 +42,16 @@ HELP = {
             "(SVD of the training matrix on the word embeddings' principal directions), text+collaborative",
     "init_rank": "rank of the collaborative factorisation (0: the backbone's width)",
     "head_bias": "train a per-item bias and a logit scale in the tied item head (not in the paper)",
+    "head_adapter": "train a square projection (identity at the start) of the last hidden state before the tied "
+                    "item head: a small adapter, not in the paper",
     "distill_weight": "weight of the cross-entropy towards a teacher (EASE, or low-rank for large catalogues) "
                       "fitted on the training part, relative to the multinomial likelihood (0: off)",
     "distill_temperature": "teacher softmax temperature, in units of its mean best score over training users",
     "distill_lambda": "the teacher's regularisation (0: the best of evaluate's EASE grid on validation)",
+    "teacher_text": "the teacher's item-item Gram matrix adds the items' text similarity (tf-idf of title and "
+                    "description; Jeunen et al., RecSys 2020)",
+    "teacher_text_weight": "weight of the text similarity, in units of the mean item count (0: the best of "
+                           "0.3, 1, 3 and no text on validation)",
     "teacher_max_items": "EASE teacher up to this many items (a dense items x items matrix), low-rank beyond",
     "teacher_rank": "rank of the low-rank teacher",
     "lr_schedule": "finetuning learning rate: constant, or cosine decay (over the epochs or the time budget)",

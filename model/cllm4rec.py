@@ -9,11 +9,13 @@ embeddings: an item's logit is the last hidden state dotted with that item's emb
 model can only ever name items that exist. Two small head parameters that the paper does not have
 (docs/training.md, ablations) sit on top of the tie:
 
-    logit_j = logit_scale * (hidden . collab_items[j]) + item_bias[j]
+    logit_j = logit_scale * ((head_projection @ hidden) . collab_items[j]) + item_bias[j]
 
 logit_scale lets the sharpness of the softmax be learned instead of being carried by the norms of
 576-wide embeddings; item_bias carries popularity, which a dot product can only express by bending
-every item vector towards one direction. With scale 1 and bias 0 the head is the paper's.
+every item vector towards one direction; head_projection (a square matrix, identity at the start)
+is a small adapter that lets the frozen backbone's last hidden state be turned towards the item
+embeddings' space. With identity, scale 1 and bias 0 the head is the paper's.
 """
 
 from __future__ import annotations
@@ -129,6 +131,7 @@ class CLLM4Rec(nn.Module):
             nn.init.normal_(table.weight, std=init_std)
         self.item_bias = nn.Parameter(torch.zeros(n_items))
         self.logit_scale = nn.Parameter(torch.ones(()))
+        self.head_projection = nn.Parameter(torch.eye(hidden))
 
     def tables(self, view: str) -> tuple[nn.Embedding, nn.Embedding]:
         return (self.collab_users, self.collab_items) if view == COLLAB else (self.content_users, self.content_items)
@@ -155,8 +158,8 @@ class CLLM4Rec(nn.Module):
                                        use_cache=False)
         return out.last_hidden_state
 
-    def head_parameters(self) -> list[nn.Parameter]:
-        return [self.item_bias, self.logit_scale]
+    def head_parameters(self, bias: bool = True, projection: bool = False) -> list[nn.Parameter]:
+        return ([self.item_bias, self.logit_scale] if bias else []) + ([self.head_projection] if projection else [])
 
     def item_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Scores of every item: the item head is tied to the collaborative item embeddings.
@@ -164,7 +167,7 @@ class CLLM4Rec(nn.Module):
         Always float32, also inside CUDA's bf16 autocast: bf16 logits tie items in the top k, and
         validation, the best-epoch choice and served rankings all read these scores."""
         with torch.autocast(hidden.device.type, enabled=False):
-            logits = hidden.float() @ self.collab_items.weight.float().T
+            logits = (hidden.float() @ self.head_projection.float().T) @ self.collab_items.weight.float().T
             return self.logit_scale.float() * logits + self.item_bias.float()
 
     # --- losses --------------------------------------------------------------------------------

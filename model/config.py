@@ -52,9 +52,12 @@ class TrainConfig:
     init_std: float = 0.02  # N(0, init_std) for init random (paper)
     init_rank: int = 0  # rank of the collaborative factorisation (0: the backbone's width)
     head_bias: bool = False  # train a per-item bias and a logit scale in the item head (not in the paper)
+    head_adapter: bool = False  # train a square projection of the last hidden state before the head (not in the paper)
     distill_weight: float = 0.0  # weight of the teacher's cross-entropy next to the multinomial likelihood (0: off)
     distill_temperature: float = 0.125  # teacher softmax temperature, in units of its mean best score
     distill_lambda: float = 0.0  # teacher's regularisation (0: the best of evaluate's grid on validation)
+    teacher_text: bool = True  # the teacher's Gram matrix includes the items' text similarity (when there is text)
+    teacher_text_weight: float = 0.0  # weight of the text similarity (0: the best of teachers.TEXT_WEIGHTS on validation)
     teacher_max_items: int = 20000  # EASE teacher up to this many items, low-rank beyond
     teacher_rank: int = 512  # rank of the low-rank teacher
     time_budget: float = 0.0  # minutes of training, then stop cleanly with the best checkpoint (0: none)
@@ -86,6 +89,7 @@ class TrainConfig:
             (self.distill_weight >= 0, "--distill-weight must not be negative"),
             (self.distill_temperature > 0, "--distill-temperature must be positive"),
             (self.distill_lambda >= 0, "--distill-lambda must not be negative"),
+            (self.teacher_text_weight >= 0, "--teacher-text-weight must not be negative"),
             (self.teacher_max_items >= 0 and self.teacher_rank >= 1, "--teacher-max-items must not be negative "
                                                                       "and --teacher-rank must be at least 1"),
             (self.time_budget >= 0, "--time-budget must not be negative"),

@@ -4,13 +4,23 @@ Finetuning can add a second target to the multinomial likelihood: the teacher's 
 the items that are not in the prompt, given the prompt's history (docs/training.md, distillation).
 The teacher is a linear item-item model, so its scores for a prompt are a sum of rows:
 
-    ease      B = I - P diag(1/diag(P)), P = (X'X + lambda I)^-1, diag(B) = 0   (Steck, 2019)
+    ease      B = I - P diag(1/diag(P)), P = (G + lambda I)^-1, diag(B) = 0   (Steck, 2019)
               a J x J matrix: used while the catalogue has at most `max_dense_items` items
-    low-rank  B = V diag(s^2 / (s^2 + lambda)) V', V, s from a rank-r SVD of X  (ridge regression
-              of X on itself through its top r directions): memory J x r for larger catalogues
+    low-rank  B = V diag(s^2 / (s^2 + lambda)) V', V, s from a rank-r SVD of [X; sqrt(alpha) T']
+              (ridge regression through its top r directions): memory J x r for larger catalogues
 
-X is the users x items matrix of TRAINING interactions: validation and test items never reach a
-teacher, so neither the model's selection nor its test figures can leak through it.
+with the item-item Gram matrix of interactions and item text (Jeunen, Van Balen and Goethals,
+"Closed-form models for collaborative filtering with side-information", RecSys 2020):
+
+    G = X'X + alpha T T'
+
+X is the users x items matrix of TRAINING interactions; T holds each item's text (title and
+description) as a unit-length tf-idf row over its words, so T T' is the items' text similarity and
+alpha weighs it against co-occurrence (text_weight x the mean item count of X, so that one value
+means the same on every dataset). With alpha 0 this is plain EASE. Item text is what a content LM
+reads; in the teacher it is what lets a closed-form model beat EASE on sparse data (docs/training.md).
+Validation and test interactions never reach a teacher, so neither the model's selection nor its
+test figures can leak through it.
 
 The teacher's temperature is relative: scores are divided by `temperature * top1`, where top1 is the
 mean best score over training users, measured when the teacher is fitted. EASE's scores have a
@@ -23,6 +33,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import re
+
 import numpy as np
 import scipy.sparse as sp
 import torch
@@ -31,12 +43,15 @@ from model.data import Split
 from model.evaluate import EASE_LAMBDAS, ease_weights, evaluate_scorer, interaction_matrix, selection_score
 
 TOP1_USERS = 2000  # training users whose mean best score sets the temperature's unit
+TEXT_WEIGHTS = (0.3, 1.0, 3.0)  # the text weights tried on validation, after lambda (0 is plain EASE)
+MAX_WORD_SHARE = 0.1  # words in more than this share of item texts carry no similarity
 
 
 @dataclass
 class Teacher:
     kind: str  # "ease" or "low-rank"
     lam: float
+    text_weight: float
     weights: torch.Tensor | None  # ease: [J, J]
     factors: torch.Tensor | None  # low-rank: [J, r], columns scaled so that B = factors @ basis.T
     basis: torch.Tensor | None  # low-rank: [J, r]
@@ -66,12 +81,37 @@ class Teacher:
         return torch.softmax(scores, dim=-1)
 
 
-def fit_ease(train: sp.csr_matrix, lam: float) -> Teacher:
-    return Teacher("ease", lam, ease_weights(train, lam), None, None)
+def text_matrix(texts: Sequence[str]) -> sp.csr_matrix:
+    """[J, words] unit-length tf-idf rows of the item texts; words of one item or of more than
+    MAX_WORD_SHARE of the items are left out (no similarity, or no distinction)."""
+    rows, cols, vocabulary = [], [], {}
+    for item, text in enumerate(texts):
+        for word in set(re.findall(r"\w+", (text or "").lower())):
+            rows.append(item)
+            cols.append(vocabulary.setdefault(word, len(vocabulary)))
+    counts = sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(texts), len(vocabulary)))
+    frequency = np.asarray(counts.sum(axis=0)).ravel()
+    keep = (frequency >= 2) & (frequency <= MAX_WORD_SHARE * len(texts))
+    weighted = counts[:, keep] @ sp.diags(np.log(len(texts) / frequency[keep]))
+    norms = np.sqrt(np.asarray(weighted.multiply(weighted).sum(axis=1)).ravel())
+    return (sp.diags(1 / np.maximum(norms, 1e-12)) @ weighted).tocsr()
 
 
-def fit_low_rank(train: sp.csr_matrix, lam: float, rank: int, seed: int = 0) -> Teacher:
-    """Rank-r ridge regression of X on itself: B = V diag(s^2/(s^2+lam)) V'."""
+def text_alpha(train: sp.csr_matrix, text_weight: float) -> float:
+    """alpha of G = X'X + alpha T T': text_weight times the mean number of training users of an item."""
+    return text_weight * train.nnz / max(train.shape[1], 1)
+
+
+def fit_ease(train: sp.csr_matrix, lam: float, text: sp.csr_matrix | None = None, text_weight: float = 0.0) -> Teacher:
+    side = (text_alpha(train, text_weight), text) if text is not None and text_weight else None
+    return Teacher("ease", lam, text_weight, ease_weights(train, lam, side), None, None)
+
+
+def fit_low_rank(train: sp.csr_matrix, lam: float, rank: int, text: sp.csr_matrix | None = None,
+                 text_weight: float = 0.0, seed: int = 0) -> Teacher:
+    """Rank-r ridge regression through the top directions of [X; sqrt(alpha) T']: B = V diag(s^2/(s^2+lam)) V'."""
+    if text is not None and text_weight:
+        train = sp.vstack([train, np.sqrt(text_alpha(train, text_weight)) * text.T.tocsr()]).tocsr()
     rank = min(rank, min(train.shape) - 1)
     torch.manual_seed(seed)
     coo = train.tocoo()
@@ -79,30 +119,46 @@ def fit_low_rank(train: sp.csr_matrix, lam: float, rank: int, seed: int = 0) -> 
                                 check_invariants=False)
     _, s, v = torch.svd_lowrank(x, q=rank, niter=4)
     shrink = s**2 / (s**2 + lam)
-    return Teacher("low-rank", lam, None, (v * shrink).float().contiguous(), v.float().contiguous())
+    return Teacher("low-rank", lam, text_weight, None, (v * shrink).float().contiguous(), v.float().contiguous())
 
 
 def fit_teacher(split: Split, n_items: int, lam: float | None, max_dense_items: int, rank: int,
-                val_users: Sequence[int], seed: int = 0) -> Teacher:
-    """The teacher of a run: EASE for catalogues up to max_dense_items, else low-rank. lam None:
-    the best of EASE_LAMBDAS on val_users (validation items score the choice, as for evaluate's
-    EASE; the fitted weights never see them)."""
+                val_users: Sequence[int], texts: Sequence[str] = (), text_weight: float | None = None,
+                seed: int = 0) -> Teacher:
+    """The teacher of a run: EASE for catalogues up to max_dense_items, else low-rank; with item text
+    when `texts` has any. lam None: the best of EASE_LAMBDAS on val_users without text, then
+    text_weight None: the best of 0 and TEXT_WEIGHTS at that lambda (validation items score the
+    choices, as for evaluate's EASE; the fitted weights never see them)."""
     train = interaction_matrix(split, "val", n_items)  # the rows of the training part: known items at validation
+    text = text_matrix(texts) if any(texts) else None
+    if text is not None and text.nnz == 0:
+        text = None
 
-    def fit(lam_: float) -> Teacher:
-        return fit_ease(train, lam_) if n_items <= max_dense_items else fit_low_rank(train, lam_, rank, seed)
+    def fit(lam_: float, weight: float) -> Teacher:
+        if n_items <= max_dense_items:
+            return fit_ease(train, lam_, text, weight)
+        return fit_low_rank(train, lam_, rank, text, weight, seed)
 
-    if lam is None:
-        known = interaction_matrix(split, "val", n_items)
-        teacher, best = None, -1.0
-        for candidate in map(fit, EASE_LAMBDAS):  # one at a time: an EASE matrix of 12k items is 0.6 GB
-            score = selection_score(evaluate_scorer(
-                lambda users: candidate.scores([known[u].indices.tolist() for u in users]), split, "val",
-                val_users, 256))
-            if score > best:
-                teacher, best = candidate, score
+    chosen: list = [None, -1.0]  # the best teacher so far and its validation selection score
+
+    def consider(lam_: float, weight: float) -> None:  # one at a time: an EASE matrix of 12k items is 0.6 GB
+        candidate = fit(lam_, weight)
+        score = selection_score(evaluate_scorer(
+            lambda users: candidate.scores([train[u].indices.tolist() for u in users]), split, "val", val_users, 256))
+        if score > chosen[1]:
+            chosen[:] = [candidate, score]
+
+    lambdas = EASE_LAMBDAS if lam is None else (lam,)
+    search_text = text is not None and text_weight is None
+    fixed_weight = (text_weight or 0.0) if text is not None else 0.0
+    if len(lambdas) == 1 and not search_text:
+        teacher = fit(lambdas[0], fixed_weight)
     else:
-        teacher = fit(lam)
+        for lam_ in lambdas:
+            consider(lam_, 0.0 if search_text else fixed_weight)
+        for weight in TEXT_WEIGHTS if search_text else ():
+            consider(chosen[0].lam, weight)
+        teacher = chosen[0]
     users = [u for u in range(train.shape[0]) if train.indptr[u + 1] > train.indptr[u]]
     sample = np.random.default_rng([seed, 3]).choice(users, min(TOP1_USERS, len(users)), replace=False)
     histories = [train[u].indices.tolist() for u in sample]

@@ -90,7 +90,7 @@ class Trainer:
 
     def new_optimizers(self, view: str) -> list[torch.optim.Optimizer]:
         c = self.config
-        head = self.model.head_parameters() if view == COLLAB and c.head_bias else []
+        head = self.model.head_parameters(c.head_bias, c.head_adapter) if view == COLLAB else []
         return make_optimizers(self.model.tables(view), c.pretrain_lr, head, c.weight_decay if view == COLLAB else 0.0)
 
     def schedule(self) -> list[str]:
@@ -395,10 +395,12 @@ def train(config: TrainConfig) -> dict:
     teacher = None
     if config.distill_weight and config.finetune_epochs:
         teacher_started = time.monotonic()
+        texts = [text or title for title, text in zip(dataset.item_titles, dataset.item_texts)]
         teacher = fit_teacher(split, dataset.n_items, config.distill_lambda or None, config.teacher_max_items,
                               config.teacher_rank, sample_users(evaluation_users(split, "val"), 1000, config.seed),
-                              config.seed)
-        print(f"teacher: {teacher.kind} (lambda {teacher.lam:g}) fitted on the training part in "
+                              texts if config.teacher_text else (), config.teacher_text_weight or None, config.seed)
+        print(f"teacher: {teacher.kind} (lambda {teacher.lam:g}, text weight {teacher.text_weight:g}) fitted on "
+              f"the training part in "
               f"{time.monotonic() - teacher_started:.0f} s; mean best score {teacher.top1:.4g}")
     out.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(config, dataset, split, model, space, device, out, teacher, started)

@@ -50,14 +50,30 @@ def test_teacher_never_reads_held_out_items(data):
     split = split_dataset(dataset, seed=0)
     emptied = Split(split.train, [np.zeros(0, dtype=np.int64)] * len(split.train),
                     [np.zeros(0, dtype=np.int64)] * len(split.train))
-    for max_dense in (10**6, 0):  # EASE and the low-rank teacher
-        a = fit_teacher(split, dataset.n_items, 200.0, max_dense, 16, [], seed=0)
-        b = fit_teacher(emptied, dataset.n_items, 200.0, max_dense, 16, [], seed=0)
+    texts = dataset.item_titles
+    for max_dense, weight in ((10**6, 0.0), (0, 0.0), (10**6, 1.0), (0, 1.0)):  # EASE and low-rank, with text or not
+        a = fit_teacher(split, dataset.n_items, 200.0, max_dense, 16, [], texts, weight, seed=0)
+        b = fit_teacher(emptied, dataset.n_items, 200.0, max_dense, 16, [], texts, weight, seed=0)
         history = [split.train[0].tolist(), split.train[1].tolist()]
         assert torch.allclose(a.scores(history), b.scores(history), atol=1e-6), a.kind
         distribution = a.distribution(history, 0.5)
         assert torch.allclose(distribution.sum(1), torch.ones(2))
         assert float(distribution[0, history[0]].sum()) == 0.0  # prompt items are not targets
+
+
+def test_text_similarity_enters_the_teacher(data):
+    """Two items with the same title and no shared user: only the text teacher links them."""
+    dataset = load_dataset(data)
+    split = split_dataset(dataset, seed=0)
+    texts = [f"unrelated{i}" for i in range(dataset.n_items)]
+    x = interaction_matrix(split, "val", dataset.n_items)
+    co_users = (x.T @ x).toarray()
+    a, b = next((a, b) for a in range(dataset.n_items) for b in range(a + 1, dataset.n_items) if co_users[a, b] == 0)
+    texts[a] = texts[b] = "espresso burr grinder"
+    plain = fit_teacher(split, dataset.n_items, 50.0, 10**6, 16, [], texts, 0.0, seed=0)
+    with_text = fit_teacher(split, dataset.n_items, 50.0, 10**6, 16, [], texts, 3.0, seed=0)
+    assert with_text.text_weight == 3.0 and plain.text_weight == 0.0
+    assert with_text.weights[a, b] > 0.1 and abs(plain.weights[a, b]) < with_text.weights[a, b] / 10
 
 
 def test_ease_teacher_scores_are_sums_of_its_rows(data):
