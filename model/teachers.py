@@ -40,10 +40,15 @@ import scipy.sparse as sp
 import torch
 
 from model.data import Split
-from model.evaluate import EASE_LAMBDAS, ease_weights, evaluate_scorer, interaction_matrix, selection_score
+from model.evaluate import ease_weights, evaluate_scorer, interaction_matrix, selection_score
 
 TOP1_USERS = 2000  # training users whose mean best score sets the temperature's unit
-TEXT_WEIGHTS = (0.3, 1.0, 3.0)  # the text weights tried on validation, after lambda (0 is plain EASE)
+# The teacher's grid, tried on validation: lambda without text first, then the text weight at that
+# lambda (0 is plain EASE). Each point is one items x items inverse (about 40 s at 12k items on 2
+# cores), so the grid is kept short: the best text weights measured were 1 (amazon-scientific) and
+# 0.3 (amazon-beauty), lambdas 200-1000 (docs/training.md).
+TEACHER_LAMBDAS = (200.0, 500.0, 1000.0)
+TEXT_WEIGHTS = (0.1, 0.3, 1.0, 3.0)
 MAX_WORD_SHARE = 0.1  # words in more than this share of item texts carry no similarity
 
 
@@ -126,7 +131,7 @@ def fit_teacher(split: Split, n_items: int, lam: float | None, max_dense_items: 
                 val_users: Sequence[int], texts: Sequence[str] = (), text_weight: float | None = None,
                 seed: int = 0) -> Teacher:
     """The teacher of a run: EASE for catalogues up to max_dense_items, else low-rank; with item text
-    when `texts` has any. lam None: the best of EASE_LAMBDAS on val_users without text, then
+    when `texts` has any. lam None: the best of TEACHER_LAMBDAS on val_users without text, then
     text_weight None: the best of 0 and TEXT_WEIGHTS at that lambda (validation items score the
     choices, as for evaluate's EASE; the fitted weights never see them)."""
     train = interaction_matrix(split, "val", n_items)  # the rows of the training part: known items at validation
@@ -148,7 +153,7 @@ def fit_teacher(split: Split, n_items: int, lam: float | None, max_dense_items: 
         if score > chosen[1]:
             chosen[:] = [candidate, score]
 
-    lambdas = EASE_LAMBDAS if lam is None else (lam,)
+    lambdas = TEACHER_LAMBDAS if lam is None else (lam,)
     search_text = text is not None and text_weight is None
     fixed_weight = (text_weight or 0.0) if text is not None else 0.0
     if len(lambdas) == 1 and not search_text:

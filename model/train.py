@@ -84,7 +84,7 @@ class Trainer:
         started = time.monotonic() if started is None else started
         self.deadline = started + 60 * config.time_budget if config.time_budget else math.inf
         self.validation_seconds = 0.0  # the last validation's duration: a budget keeps room for one more
-        self.finetune_clock: tuple[float, int] | None = None  # (time, steps) when this process began finetuning
+        self.finetune_started: float | None = None  # when this process began finetuning (the budget's share)
         self.out_of_time = False
         self.writer = None  # TensorBoard, opened by fit()
 
@@ -159,9 +159,9 @@ class Trainer:
         with a time budget, over the time left, whichever runs out first."""
         c = self.config
         now = time.monotonic()
-        if self.finetune_clock is None:
-            self.finetune_clock = (now, self.finetune_steps)
-        since, steps_then = self.finetune_clock
+        if self.finetune_started is None:
+            self.finetune_started = now
+        since = self.finetune_started
         steps_per_epoch = math.ceil(len(self.split.train) / c.batch_size)
         progress = self.finetune_steps / max(c.finetune_epochs * steps_per_epoch, 1)
         if math.isfinite(self.deadline):
@@ -281,6 +281,7 @@ class Trainer:
 
     # --- the whole run ---------------------------------------------------------------------------
     def fit(self) -> dict:
+        # Imported here, not at the top: the server imports this module (quickstart) and never writes curves.
         from torch.utils.tensorboard import SummaryWriter
 
         schedule = self.schedule()
