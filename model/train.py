@@ -142,7 +142,7 @@ class Trainer:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
             nll = nll_of(moved)
             reg = self.model.mutual_regularization(view, moved.users, moved.items)
-            loss = nll / max(batch.n_targets, 1) + self.config.lambda_v * reg / len(batch.input_ids)
+            loss = stage_loss(nll, reg, batch.n_targets, len(batch.input_ids), self.config.lambda_v)
         for optimizer in self.optimizers[view]:
             optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -341,6 +341,12 @@ class Trainer:
         shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items()) if metrics else "not validated (content only)"
         print(f"epoch {self.epoch}/{len(schedule)} {stage}: {losses} | val {shown}{' *best*' if improved else ''}"
               f" | {time_left(schedule[self.epoch:], seconds)}", flush=True)
+
+
+def stage_loss(nll: torch.Tensor, reg: torch.Tensor, n_targets: int, n_documents: int, lambda_v: float) -> torch.Tensor:
+    """The loss of every stage: the negative log-likelihood per target plus lambda_V times the mutual
+    regularization per document, so --lambda-v weighs the same two means on every stage."""
+    return nll / max(n_targets, 1) + lambda_v * reg / n_documents
 
 
 def time_left(remaining: Sequence[str], seconds: dict[str, list[float]]) -> str:

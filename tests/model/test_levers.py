@@ -205,3 +205,57 @@ def test_content_epochs_are_not_validated_and_patience_zero_never_stops_early(ti
 def test_bad_options_are_cli_errors(data, tmp_path, capsys, option, message):
     assert cli(["train", "--data", str(data), "--out", str(tmp_path / "o"), *option]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_lambda_v_weighs_the_same_means_on_every_stage(tiny_llama):
+    """Each stage's loss is nll per target + lambda_V x regularization per document: duplicating a batch
+    changes neither term, and lambda_V adds the mean per-document distance whatever the stage."""
+    from model.cllm4rec import CONTENT, collate_documents, collate_recommend
+    from model.prompts import (PromptTemplates, TokenSpace, build_collaborative_document,
+                               build_content_documents, build_recommend_prompt)
+    from model.train import stage_loss
+
+    backbone, tokenizer = load_backbone(str(tiny_llama))
+    torch.manual_seed(0)
+    model = CLLM4Rec(backbone, 4, 6)
+    space = TokenSpace(tokenizer, model.n_words, 4, 6, PromptTemplates())
+    collaborative = [build_collaborative_document(space, u, [u, u + 1, u + 2]) for u in range(4)]
+    content = build_content_documents(space, {(u, u): "works great good value" for u in range(4)}, [""] * 6, 8)
+    prompts = [build_recommend_prompt(space, u, [u], 10) for u in range(4)]
+
+    def batches(n):
+        return {
+            "collaborative": (COLLAB, model.collaborative_nll,
+                              collate_documents(collaborative * n, space.n_words + space.n_users)),
+            "content": (CONTENT, model.content_nll, collate_documents(content * n, 0)),
+            "recommend": (COLLAB, model.recommend_nll,
+                          collate_recommend(prompts * n, [[u + 1, u + 2] for u in range(4)] * n, list(range(4)) * n,
+                                            [[u] for u in range(4)] * n, 6)),
+        }
+
+    with torch.no_grad():
+        for stage, (view, nll_of, batch) in batches(1).items():
+            _, _, double = batches(2)[stage]
+            reg = model.mutual_regularization(view, batch.users, batch.items)
+            per_document = float(reg) / len(batch.input_ids)
+            losses = [float(stage_loss(nll_of(b), model.mutual_regularization(view, b.users, b.items),
+                                       b.n_targets, len(b.input_ids), lam)) for b in (batch, double) for lam in (0, 2)]
+            # The likelihood term is the mean per predicted item or word (documents of a stage differ in
+            # length: a summed-per-document term would weigh lambda_V differently on each stage).
+            assert batch.n_targets != len(batch.input_ids)
+            assert losses[0] == pytest.approx(float(nll_of(batch)) / batch.n_targets, rel=1e-5), stage
+            assert losses[0] == pytest.approx(losses[2], rel=1e-5), stage
+            assert losses[1] - losses[0] == pytest.approx(2 * per_document, rel=1e-5), stage
+
+
+def test_finetuning_starts_with_fresh_adam_moments(data, tiny_llama, tmp_path):
+    from safetensors.torch import load_file
+
+    from model.train import STATE_DIR
+
+    out = tmp_path / "fresh"
+    train(quick_config(data, out, tiny_llama, pretrain_epochs=2, finetune_epochs=1, batch_size=32))
+    users = sum(1 for items in split_dataset(load_dataset(data), seed=0).train if len(items))
+    steps_per_epoch = -(-users // 32)
+    state = load_file(out / STATE_DIR / "optimizer_collab_1.safetensors")  # the item table's AdamW
+    assert int(state["0.step"]) == steps_per_epoch  # finetuning's own steps, not pretraining's too
