@@ -120,7 +120,8 @@ def most_popular_scorer(split: Split, n_items: int):
     return lambda users: popularity.expand(len(users), -1)
 
 
-def ease_weights(train: sp.csr_matrix, lam: float, side: tuple[float, sp.csr_matrix] | None = None) -> torch.Tensor:
+def ease_weights(train: sp.csr_matrix, lam: float, side: tuple[float, sp.csr_matrix] | None = None,
+                 dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """EASE (Steck, 2019), closed form: B = I - P diag(1/diag(P)), P = (X'X + lam I)^-1, diag(B) = 0.
     side = (alpha, T): X'X + alpha T T' instead, items' side information T (model/teachers.py)."""
     # On the GPU when there is one: the inverse is O(items^3), minutes on a CPU for 10k+ items.
@@ -129,7 +130,7 @@ def ease_weights(train: sp.csr_matrix, lam: float, side: tuple[float, sp.csr_mat
     if side is not None:
         alpha, features = side
         gram = gram + alpha * (features @ features.T)
-    gram = torch.as_tensor(gram.toarray(), dtype=torch.float64, device=device)
+    gram = torch.as_tensor(gram.toarray(), dtype=dtype, device=device)
     gram.diagonal().add_(lam)
     precision = torch.cholesky_inverse(torch.linalg.cholesky(gram))
     weights = -precision / precision.diagonal()

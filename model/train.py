@@ -403,7 +403,7 @@ def train(config: TrainConfig) -> dict:
     if config.distill_weight and config.finetune_epochs:
         teacher_started = time.monotonic()
         texts = [text or title for title, text in zip(dataset.item_titles, dataset.item_texts)]
-        teacher = fit_teacher(split, dataset.n_items, config.distill_lambda or None, config.teacher_max_items,
+        teacher = fit_teacher(split, dataset.n_items, config.distill_lambda, config.teacher_max_items,
                               config.teacher_rank, sample_users(evaluation_users(split, "val"), 1000, config.seed),
                               texts if config.teacher_text else (), config.teacher_text_weight or None, config.seed)
         print(f"teacher: {teacher.kind} (lambda {teacher.lam:g}, text weight {teacher.text_weight:g}) fitted on "
