@@ -44,6 +44,8 @@ HELP = {
     "head_bias": "train a per-item bias and a logit scale in the tied item head (not in the paper)",
     "head_adapter": "train a square projection (identity at the start) of the last hidden state before the tied "
                     "item head: a small adapter, not in the paper",
+    "input_gradients": "backpropagate through the backbone into the prompt's soft tokens (paper); off: the tables "
+                       "learn from the tied head alone and a step costs about one forward pass",
     "distill_weight": "weight of the cross-entropy towards a teacher (EASE, or low-rank for large catalogues) "
                       "fitted on the training part, relative to the multinomial likelihood (0: off)",
     "distill_temperature": "teacher softmax temperature, in units of its mean best score over training users",

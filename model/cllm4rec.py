@@ -132,6 +132,7 @@ class CLLM4Rec(nn.Module):
         self.item_bias = nn.Parameter(torch.zeros(n_items))
         self.logit_scale = nn.Parameter(torch.ones(()))
         self.head_projection = nn.Parameter(torch.eye(hidden))
+        self.input_gradients = True  # train the soft tokens through the backbone too (the paper); see embed()
 
     def tables(self, view: str) -> tuple[nn.Embedding, nn.Embedding]:
         return (self.collab_users, self.collab_items) if view == COLLAB else (self.content_users, self.content_items)
@@ -149,8 +150,14 @@ class CLLM4Rec(nn.Module):
         embeds = word_embeddings(input_ids.clamp(max=self.n_words - 1))
         is_user = (input_ids >= self.n_words) & (input_ids < self.n_words + self.n_users)
         is_item = input_ids >= self.n_words + self.n_users
-        embeds[is_user] = users(input_ids[is_user] - self.n_words).to(embeds.dtype)
-        embeds[is_item] = items(input_ids[is_item] - self.n_words - self.n_users).to(embeds.dtype)
+        soft_users = users(input_ids[is_user] - self.n_words).to(embeds.dtype)
+        soft_items = items(input_ids[is_item] - self.n_words - self.n_users).to(embeds.dtype)
+        if not self.input_gradients:
+            # The soft tokens still enter the backbone, but nothing flows back through it: a step costs
+            # one forward pass, and the tables learn from the tied head (and the regularization) alone.
+            soft_users, soft_items = soft_users.detach(), soft_items.detach()
+        embeds[is_user] = soft_users
+        embeds[is_item] = soft_items
         return embeds
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, view: str) -> torch.Tensor:

@@ -52,6 +52,7 @@ class TrainConfig:
     init_std: float = 0.02  # N(0, init_std) for init random (paper)
     init_rank: int = 0  # rank of the collaborative factorisation (0: the backbone's width)
     head_bias: bool = False  # train a per-item bias and a logit scale in the item head (not in the paper)
+    input_gradients: bool = True  # backpropagate through the backbone into the prompt's soft tokens (paper)
     head_adapter: bool = False  # train a square projection of the last hidden state before the head (not in the paper)
     distill_weight: float = 0.0  # weight of the teacher's cross-entropy next to the multinomial likelihood (0: off)
     distill_temperature: float = 0.125  # teacher softmax temperature, in units of its mean best score

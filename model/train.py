@@ -87,6 +87,7 @@ class Trainer:
         self.finetune_started: float | None = None  # when this process began finetuning (the budget's share)
         self.out_of_time = False
         self.writer = None  # TensorBoard, opened by fit()
+        model.input_gradients = config.input_gradients
 
     def new_optimizers(self, view: str) -> list[torch.optim.Optimizer]:
         c = self.config
@@ -340,7 +341,7 @@ class Trainer:
                           for k, v in passes.items())
         shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items()) if metrics else "not validated (content only)"
         print(f"epoch {self.epoch}/{len(schedule)} {stage}: {losses} | val {shown}{' *best*' if improved else ''}"
-              f" | {time_left(schedule[self.epoch:], seconds)}", flush=True)
+              f" | {time_left(schedule[self.epoch:], seconds, self.deadline - time.monotonic())}", flush=True)
 
 
 def stage_loss(nll: torch.Tensor, reg: torch.Tensor, n_targets: int, n_documents: int, lambda_v: float) -> torch.Tensor:
@@ -349,12 +350,15 @@ def stage_loss(nll: torch.Tensor, reg: torch.Tensor, n_targets: int, n_documents
     return nll / max(n_targets, 1) + lambda_v * reg / n_documents
 
 
-def time_left(remaining: Sequence[str], seconds: dict[str, list[float]]) -> str:
-    """'about 2.5 h left', from the mean time of the epochs of each stage so far (early stopping may end sooner)."""
-    if not remaining:
+def time_left(remaining: Sequence[str], seconds: dict[str, list[float]], budget_left: float = math.inf) -> str:
+    """'about 2.5 h left', from the mean time of the epochs of each stage so far, or the time budget's
+    rest when that is shorter (early stopping may end sooner)."""
+    if not remaining or budget_left <= 0:
         return "done"
     untimed = sorted({stage for stage in remaining if stage not in seconds})
     total = sum(np.mean(seconds[stage]) for stage in remaining if stage in seconds)
+    if budget_left < total:
+        return f"about {budget_left / 60:.0f} min left (time budget)"
     text = f"{total / 3600:.1f} h" if total >= 3600 else f"{total / 60:.0f} min"
     return f"about {text} left" + (f" + {', '.join(untimed)} epochs not yet timed" if untimed else "")
 

@@ -259,3 +259,20 @@ def test_finetuning_starts_with_fresh_adam_moments(data, tiny_llama, tmp_path):
     steps_per_epoch = -(-users // 32)
     state = load_file(out / STATE_DIR / "optimizer_collab_1.safetensors")  # the item table's AdamW
     assert int(state["0.step"]) == steps_per_epoch  # finetuning's own steps, not pretraining's too
+
+
+def test_without_input_gradients_nothing_flows_back_through_the_backbone(tiny_llama):
+    from model.cllm4rec import collate_recommend
+    from model.prompts import PromptTemplates, TokenSpace, build_recommend_prompt
+
+    backbone, tokenizer = load_backbone(str(tiny_llama))
+    model = CLLM4Rec(backbone, 4, 6)
+    space = TokenSpace(tokenizer, model.n_words, 4, 6, PromptTemplates())
+    batch = collate_recommend([build_recommend_prompt(space, u, [u], 10) for u in range(4)],
+                              [[u + 1] for u in range(4)], list(range(4)), [[u] for u in range(4)], 6)
+    for through_backbone in (True, False):
+        model.zero_grad(set_to_none=True)
+        model.input_gradients = through_backbone
+        model.recommend_nll(batch).backward()
+        assert (model.collab_users.weight.grad is not None) == through_backbone  # users appear only as inputs
+        assert model.collab_items.weight.grad is not None  # the tied head trains the items either way
