@@ -283,7 +283,7 @@ class Trainer:
     # --- the whole run ---------------------------------------------------------------------------
     def fit(self) -> dict:
         # Imported here, not at the top: the server imports this module (quickstart) and never writes curves.
-        from torch.utils.tensorboard import SummaryWriter
+        from tensorboardX import SummaryWriter
 
         schedule = self.schedule()
         if self.epoch >= len(schedule):
@@ -334,8 +334,8 @@ class Trainer:
             self.writer.add_scalar(f"loss/{name}", values["nll_per_target"], self.epoch)
             self.writer.add_scalar(f"regularization/{name}", values["regularization_per_document"], self.epoch)
             self.writer.add_scalar(f"lr/{name}", values["lr"], self.epoch)
-        for name, value in (metrics or {}).items():
-            self.writer.add_scalar(f"val/{name}", value, self.epoch)
+        for name, value in (metrics or {}).items():  # TensorBoard tags take no '@': val/recall_20
+            self.writer.add_scalar(f"val/{name.replace('@', '_')}", value, self.epoch)
         self.writer.flush()
         losses = " ".join(f"{k} nll={v['nll_per_target']:.3f} ({v['tokens_per_s']:.0f} tok/s)"
                           for k, v in passes.items())

@@ -180,8 +180,11 @@ def test_curves_are_written_for_tensorboard(data, tiny_llama, tmp_path):
     events = EventAccumulator(str(out / TENSORBOARD_DIR))
     events.Reload()
     tags = events.Tags()["scalars"]
-    assert {"val/recall@20", "val/ndcg@100", "loss/recommend", "loss/collaborative", "lr/recommend"} <= set(tags)
-    assert [e.step for e in events.Scalars("val/recall@20")] == [1, 2, 3]
+    assert {"val/recall_20", "val/recall_40", "val/ndcg_100", "loss/recommend", "loss/collaborative",
+            "lr/recommend"} <= set(tags)
+    assert [e.step for e in events.Scalars("val/recall_20")] == [1, 2, 3]
+    records = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()]
+    assert [e.value for e in events.Scalars("val/recall_20")] == pytest.approx([r["val"]["recall@20"] for r in records])
 
 
 def test_content_epochs_are_not_validated_and_patience_zero_never_stops_early(tiny_llama, tmp_path):
