@@ -25,6 +25,7 @@ from model.synthetic import write_synthetic_dataset
 from model.teachers import fit_teacher
 from model.train import TENSORBOARD_DIR, train
 from service.cli import main as cli
+import training_helpers
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "training.md"
 
@@ -36,10 +37,8 @@ def data(tmp_path_factory):
 
 
 def quick_config(data, out, backbone, **overrides):
-    config = dict(data=str(data), out=str(out), backbone=str(backbone), content_epochs=0, pretrain_epochs=0,
-                  finetune_epochs=3, batch_size=16, val_users=0, finetune_lr=1e-2, finetune_content=False)
-    config.update(overrides)
-    return TrainConfig(**config)
+    """Finetuning only (the shared quick run without its pretraining epoch)."""
+    return training_helpers.quick_config(data, out, backbone, **{"pretrain_epochs": 0, **overrides})
 
 
 # --- the teacher ----------------------------------------------------------------------------------

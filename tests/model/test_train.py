@@ -12,20 +12,13 @@ from model.synthetic import write_synthetic_dataset
 from model.config import ConfigError, TrainConfig
 from model.train import train
 from service.cli import main as cli
+from training_helpers import quick_config
 
 
 @pytest.fixture(scope="module")
 def planted_data(tmp_path_factory):
     return write_synthetic_dataset(tmp_path_factory.mktemp("planted"), n_users=200, n_items=120, n_categories=8,
                                    min_items=6, max_items=12, seed=2, reviews=False)
-
-
-def quick_config(data, out, backbone, **overrides):
-    config = dict(data=str(data), out=str(out), backbone=str(backbone), content_epochs=0, pretrain_epochs=1,
-                  finetune_epochs=3, batch_size=16, max_text_tokens=16, val_users=0, pretrain_lr=1e-2,
-                  finetune_lr=1e-2, finetune_content=False, finetune_targets="all")
-    config.update(overrides)
-    return TrainConfig(**config)
 
 
 def test_finetuned_model_beats_most_popular_on_planted_tastes(planted_data, tiny_llama, tmp_path):
