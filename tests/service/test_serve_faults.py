@@ -45,8 +45,8 @@ def metadata_not_json(path, make_backbone) -> str:
 
 
 def newer_format(path, make_backbone) -> str:
-    edit_meta(path, lambda meta: meta.update(format_version=2))
-    return "checkpoint format version 2, this cllm4rec reads version 1"
+    edit_meta(path, lambda meta: meta.update(format_version=99))
+    return "checkpoint format version 99, this cllm4rec reads versions 1, 2"
 
 
 def backbone_of_another_width(path, make_backbone) -> str:
