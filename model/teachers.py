@@ -131,33 +131,32 @@ def fit_teacher(split: Split, n_items: int, lam: float, max_dense_items: int, ra
                 val_users: Sequence[int], texts: Sequence[str] = (), text_weight: float | None = None,
                 seed: int = 0) -> Teacher:
     """The teacher of a run: EASE for catalogues up to max_dense_items, else low-rank; with item text
-    when `texts` has any. text_weight None: the best of 0 and TEXT_WEIGHTS on val_users (validation items score the choice, as for evaluate's EASE lambda; the fitted
-    weights never see them)."""
+    when `texts` has any. text_weight None: the best of 0 and TEXT_WEIGHTS on val_users (validation
+    items score the choice, as for evaluate's EASE lambda; the fitted weights never see them)."""
     train = interaction_matrix(split, "val", n_items)  # the rows of the training part: known items at validation
     text = text_matrix(texts) if any(texts) else None
     if text is not None and text.nnz == 0:
         text = None
 
-    def fit(lam_: float, weight: float) -> Teacher:
+    def fit(weight: float) -> Teacher:
         if n_items <= max_dense_items:
-            return fit_ease(train, lam_, text, weight)
-        return fit_low_rank(train, lam_, rank, text, weight, seed)
+            return fit_ease(train, lam, text, weight)
+        return fit_low_rank(train, lam, rank, text, weight, seed)
 
-    chosen: list = [None, -1.0]  # the best teacher so far and its validation selection score
-
-    def consider(lam_: float, weight: float) -> None:  # one at a time: an EASE matrix of 12k items is 0.6 GB
-        candidate = fit(lam_, weight)
-        score = selection_score(evaluate_scorer(
-            lambda users: candidate.scores([train[u].indices.tolist() for u in users]), split, "val", val_users, 256))
-        if score > chosen[1]:
-            chosen[:] = [candidate, score]
+    def validation_score(teacher: Teacher) -> float:
+        return selection_score(evaluate_scorer(
+            lambda users: teacher.scores([train[u].indices.tolist() for u in users]), split, "val", val_users, 256))
 
     if text is None or text_weight is not None:
-        teacher = fit(lam, text_weight or 0.0 if text is not None else 0.0)
+        teacher = fit(text_weight or 0.0)  # without text the weight is not used
     else:
-        for weight in (0.0, *TEXT_WEIGHTS):
-            consider(lam, weight)
-        teacher = chosen[0]
+        teacher, best = None, -1.0
+        for weight in (0.0, *TEXT_WEIGHTS):  # one at a time: an EASE matrix of 12k items is 0.6 GB
+            candidate = fit(weight)
+            score = validation_score(candidate)
+            if score > best:
+                teacher, best = candidate, score
+            del candidate
     users = [u for u in range(train.shape[0]) if train.indptr[u + 1] > train.indptr[u]]
     sample = np.random.default_rng([seed, 3]).choice(users, min(TOP1_USERS, len(users)), replace=False)
     histories = [train[u].indices.tolist() for u in sample]
