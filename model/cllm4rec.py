@@ -6,7 +6,7 @@
 Ids below n_words are the backbone's own (frozen) word embeddings; the rest index the tables of
 the chosen view (layout in model.prompts). The item head is tied to the collaborative item
 embeddings: an item's logit is the last hidden state dotted with that item's embedding, so the
-model can only ever name items that exist. Two small head parameters that the paper does not have
+model can only ever name items that exist. Three small head parameters that the paper does not have
 (docs/training.md, ablations) sit on top of the tie:
 
     logit_j = logit_scale * ((head_projection @ hidden) . collab_items[j]) + item_bias[j]

@@ -41,18 +41,23 @@ class Factorisation:
     items: torch.Tensor  # [J, r]  V S^1/2
 
 
+def truncated_svd(matrix: sp.spmatrix, rank: int, seed: int = 0, niter: int = 6):
+    """(U, s, V) of a rank-r randomised SVD of a sparse matrix, r at most min(shape) - 1; seeded."""
+    coo = matrix.tocoo()
+    rank = max(1, min(rank, min(matrix.shape) - 1))
+    torch.manual_seed(seed)
+    tensor = torch.sparse_coo_tensor(np.vstack([coo.row, coo.col]), torch.as_tensor(coo.data), matrix.shape,
+                                     check_invariants=False)
+    return torch.svd_lowrank(tensor, q=rank, niter=niter)
+
+
 def factorise(split: Split, n_items: int, rank: int, seed: int = 0) -> Factorisation:
     """Rank-r truncated SVD of D_u^-1/2 X D_i^-1/2, X the users x items training matrix."""
     x = interaction_matrix(split, "val", n_items).astype(np.float64)  # rows: the training items
     d_users = np.asarray(x.sum(axis=1)).ravel()
     d_items = np.asarray(x.sum(axis=0)).ravel()
     normalised = sp.diags(1 / np.sqrt(np.maximum(d_users, 1))) @ x @ sp.diags(1 / np.sqrt(np.maximum(d_items, 1)))
-    coo = normalised.tocoo()
-    rank = max(1, min(rank, min(x.shape) - 1))
-    torch.manual_seed(seed)
-    matrix = torch.sparse_coo_tensor(np.vstack([coo.row, coo.col]), torch.as_tensor(coo.data), x.shape,
-                                     check_invariants=False)
-    u, s, v = torch.svd_lowrank(matrix, q=rank, niter=6)
+    u, s, v = truncated_svd(normalised, rank, seed)
     root = s.sqrt()
     return Factorisation((u * root).float(), (v * root).float())
 

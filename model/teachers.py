@@ -41,6 +41,7 @@ import torch
 
 from model.data import Split
 from model.evaluate import ease_weights, evaluate_scorer, interaction_matrix, selection_score
+from model.initialise import truncated_svd
 
 TOP1_USERS = 2000  # training users whose mean best score sets the temperature's unit
 # The text weights tried on validation (besides 0, plain EASE). Each is one items x items inverse
@@ -117,12 +118,7 @@ def fit_low_rank(train: sp.csr_matrix, lam: float, rank: int, text: sp.csr_matri
     """Rank-r ridge regression through the top directions of [X; sqrt(alpha) T']: B = V diag(s^2/(s^2+lam)) V'."""
     if text is not None and text_weight:
         train = sp.vstack([train, np.sqrt(text_alpha(train, text_weight)) * text.T.tocsr()]).tocsr()
-    rank = min(rank, min(train.shape) - 1)
-    torch.manual_seed(seed)
-    coo = train.tocoo()
-    x = torch.sparse_coo_tensor(np.vstack([coo.row, coo.col]), torch.as_tensor(coo.data), train.shape,
-                                check_invariants=False)
-    _, s, v = torch.svd_lowrank(x, q=rank, niter=4)
+    _, s, v = truncated_svd(train, rank, seed, niter=4)
     shrink = s**2 / (s**2 + lam)
     return Teacher("low-rank", lam, text_weight, None, (v * shrink).float().contiguous(), v.float().contiguous())
 
