@@ -34,7 +34,7 @@ from service.batcher import Overloaded
 from service.dependencies import Forbidden, Unauthorized
 from service.engine import Engine, ReloadFailed, RequestTimeout, ServedModel, model_device
 from service.histories import HistoryStoreUnavailable, open_history_store
-from service.routes import admin, health, interactions, recommend
+from service.routes import admin, health, histories, interactions, recommend
 from service.schemas import request_models
 from service.settings import Settings
 
@@ -43,8 +43,9 @@ log = logging.getLogger(__name__)
 DESCRIPTION = """Recommendations from a CLLM4Rec checkpoint: a frozen causal LM with one token per user and per
 item. One forward pass of the prompt `<user> has interacted with <items>, <user> will interact with` scores
 every item; the best k are returned, the user's history excluded. Histories live in Redis (or in the
-process) and grow with POST /interactions, without retraining. With CLLM4REC_API_KEY set, writes need the key
-(`Authorization: Bearer KEY` or `X-API-Key: KEY`), and reads too with CLLM4REC_AUTH_READS. See docs/serving.md."""
+process) and grow with POST /interactions, without retraining; GET and DELETE /users/{user_id}/history show and
+erase one. With CLLM4REC_API_KEY set, every endpoint but the probes and /metrics needs the key (`Authorization:
+Bearer KEY` or `X-API-Key: KEY`); scoped read, write and admin keys can stand in for it. See docs/serving.md."""
 
 
 def package_version() -> str:
@@ -69,10 +70,11 @@ async def lifespan(app: FastAPI):
     settings: Settings = app.state.settings
     started = time.perf_counter()
     store = open_history_store(settings.redis_url, settings.redis_key_prefix, settings.history_max_length,
-                               settings.redis_timeout_s)
+                               settings.redis_timeout_s, settings.history_ttl_s)
     engine = Engine(app.state.preloaded or await asyncio.to_thread(ServedModel.load, settings.checkpoint,
                                                                    settings), store, settings)
     app.state.preloaded = None
+    engine.on_fatal = app.state.on_fatal
     engine.start()
     seeding = None
     try:
@@ -94,8 +96,9 @@ def describe(engine: Engine) -> str:
     """The start-up log line: what is served, where, and how access is set."""
     settings, recommender = engine.settings, engine.model.recommender
     checkpoint, backbone = recommender.checkpoint, recommender.checkpoint.meta["backbone"]
-    access = ("off (no CLLM4REC_API_KEY)" if settings.api_key is None else
-              "API key required on reads and writes" if settings.auth_reads else "API key required on writes")
+    access = ", ".join(f"{scope}s {'need a key' if settings.scope_keys(scope) else 'open'}"
+                       for scope in ("read", "write")) + \
+        (", admin needs a key" if settings.scope_keys("admin") else ", admin from this host only")
     return (f"serving {checkpoint.path} (model {checkpoint.model_version}, {backbone['name']} with "
             f"{backbone['layers']} layers, {checkpoint.meta['n_items']} items) on {recommender.device}, "
             f"{settings.resolved_torch_threads()} threads, history store: "
@@ -245,6 +248,7 @@ def create_app(settings: Settings | None = None, model: ServedModel | None = Non
     app.state.preloaded = model
     app.state.engine = None
     app.state.shutting_down = False
+    app.state.on_fatal = None  # `cllm4rec serve` sets it: stop the process when the replica cannot serve
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics)  # added last: the outermost, so it also times 413s
     app.add_exception_handler(RequestValidationError, on_validation_error)
@@ -258,6 +262,7 @@ def create_app(settings: Settings | None = None, model: ServedModel | None = Non
     models = request_models(settings)
     app.include_router(recommend.create_router(models))
     app.include_router(interactions.create_router(models))
+    app.include_router(histories.create_router(models))
     app.include_router(admin.router)
     app.include_router(health.router)
     return app

@@ -9,6 +9,10 @@ waits at most max_wait.
 
 A full queue refuses new requests at once (Overloaded, 503) instead of letting latency grow without
 bound. A request whose caller gave up (timeout, disconnect) is dropped before its forward pass.
+
+A failed forward pass fails its own requests only. Should the worker itself end other than by stop()
+(a bug), `on_death` is called: the server then reports itself unready and exits, so that its
+supervisor (Kubernetes) restarts it instead of it accepting requests that nobody will answer.
 """
 
 from __future__ import annotations
@@ -42,7 +46,8 @@ class Pending:
 
 class Batcher(Generic[Job, Result]):
     def __init__(self, run_batch: Callable[[Sequence[Job]], Sequence[Result]], max_batch_size: int,
-                 max_wait_s: float, queue_size: int, thread_initializer: Callable[[], None] | None = None):
+                 max_wait_s: float, queue_size: int, thread_initializer: Callable[[], None] | None = None,
+                 on_death: Callable[[str], None] | None = None):
         self.run_batch = run_batch  # jobs -> one result per job, in order; called in the worker thread
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
@@ -50,11 +55,30 @@ class Batcher(Generic[Job, Result]):
         # One thread: forward passes run one after another, each using all of torch's threads.
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="cllm4rec-forward", initializer=thread_initializer)
         self.worker: asyncio.Task | None = None
+        self.on_death = on_death
+        self.stopping = False
 
     def start(self) -> None:
         self.worker = asyncio.get_running_loop().create_task(self.work(), name="cllm4rec-batcher")
+        self.worker.add_done_callback(self.worker_ended)
+        metrics.batcher_alive.set(1)
+
+    @property
+    def alive(self) -> bool:
+        return self.worker is not None and not self.worker.done()
+
+    def worker_ended(self, worker: asyncio.Task) -> None:
+        metrics.batcher_alive.set(0)
+        if self.stopping:
+            return
+        reason = ("the forward-pass worker was cancelled" if worker.cancelled() else
+                  f"the forward-pass worker died: {worker.exception()!r}")
+        log.critical("%s; the server stops so that it is restarted", reason)
+        if self.on_death is not None:
+            self.on_death(reason)
 
     async def stop(self) -> None:
+        self.stopping = True
         if self.worker is not None:
             self.worker.cancel()
             await asyncio.gather(self.worker, return_exceptions=True)

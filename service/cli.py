@@ -57,13 +57,23 @@ def settings_from(**options) -> Settings:
 
 class Server(uvicorn.Server):
     """uvicorn's server, with /readyz failing from the moment SIGTERM (or Ctrl-C) arrives, before
-    the drain of in-flight requests begins; SIGHUP reloading the configured checkpoint; and a
-    banner once the app is ready."""
+    the drain of in-flight requests begins; SIGHUP reloading the configured checkpoint; a banner
+    once the app is ready; and a stop with exit status 1 (on_fatal) when the replica can no longer
+    serve (its forward-pass worker died), so that its supervisor restarts it."""
 
     def __init__(self, config: uvicorn.Config, banner: str | None = None):
         super().__init__(config)
         self.banner = banner
         self.reloads: set[asyncio.Task] = set()  # referenced until done (the loop keeps only weak references)
+        self.fatal = False
+        config.app.state.on_fatal = self.stop_fatally
+
+    def stop_fatally(self) -> None:
+        """The replica cannot serve any more (its forward-pass worker died): unready at once, drain,
+        exit with status 1 so that the supervisor restarts it."""
+        self.fatal = True
+        begin_shutdown(self.config.app)
+        self.should_exit = True
 
     def handle_exit(self, sig, frame) -> None:
         begin_shutdown(self.config.app)
@@ -115,10 +125,11 @@ def serve(settings: Settings, banner: str | None = None) -> int:
     del model  # the app holds it; a reload must be able to free it
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             access_log=settings.log_level == "debug",  # per-request lines cost CPU; metrics count
-                            timeout_graceful_shutdown=settings.shutdown_timeout_s)
+                            timeout_graceful_shutdown=settings.shutdown_timeout_s,
+                            limit_concurrency=settings.limit_concurrency or None)
     server = Server(config, banner)
     run_until_stopped(server)
-    return 0 if server.started else 1
+    return 0 if server.started and not server.fatal else 1
 
 
 def add_serve_parser(subparsers) -> None:
@@ -143,7 +154,7 @@ def run_load_histories(args) -> int:
 
     async def load() -> int:
         store = RedisHistoryStore(settings.redis_url, settings.redis_key_prefix, settings.history_max_length,
-                                  settings.redis_timeout_s)
+                                  settings.redis_timeout_s, settings.history_ttl_s)
         try:
             return await store.seed(checkpoint_histories(checkpoint), checkpoint.model_version)
         finally:
@@ -151,15 +162,15 @@ def run_load_histories(args) -> int:
 
     started = time.perf_counter()
     written = asyncio.run(load())
-    print(f"{written} of {len(checkpoint.user_ids)} users' training histories written in "
-          f"{time.perf_counter() - started:.1f} s (users who already had a history kept it); "
+    print(f"{written} of {len(checkpoint.user_ids)} users' histories changed in "
+          f"{time.perf_counter() - started:.1f} s (training items merged before the stored events); "
           f"store marked as seeded by model {checkpoint.model_version}")
     return 0
 
 
 def add_load_histories_parser(subparsers) -> None:
     p = subparsers.add_parser("load-histories", help="copy a checkpoint's training histories into Redis "
-                              "(idempotent: existing histories are kept)")
+                              "(merged before stored events; idempotent)")
     p.add_argument("--checkpoint", help="checkpoint directory (default: $CLLM4REC_CHECKPOINT)")
     p.add_argument("--redis-url", help="redis://host:port/db (default: $CLLM4REC_REDIS_URL)")
     p.set_defaults(func=run_load_histories)

@@ -1,11 +1,13 @@
-"""FastAPI dependencies of the routes: the engine of the running app, and the API-key check.
+"""FastAPI dependencies of the routes: the engine of the running app, and the API-key checks.
 
-With CLLM4REC_API_KEY set, writes (POST /interactions, /admin/*) need the key, and reads
-(/recommend*) too when CLLM4REC_AUTH_READS is true; /healthz, /readyz and /metrics never do, so
-probes and scrapers need no secret. Without a key, /admin/* answers clients on this host only
-(loopback): an admin call makes the server read files, which no one else should be able to ask.
-The key comes as `Authorization: Bearer KEY` or `X-API-Key: KEY`. Both security schemes are
-declared in the OpenAPI schema.
+Each endpoint has a scope: read (/recommend*, GET /users/{id}/history), write (POST /interactions,
+DELETE /users/{id}/history) or admin (/admin/*). A request of a scope must carry its scoped key
+(CLLM4REC_READ_KEY, _WRITE_KEY, _ADMIN_KEY) or CLLM4REC_API_KEY, whichever are set (Settings.scope_keys);
+a scope with neither is open, reads also when CLLM4REC_AUTH_READS is false. /healthz, /readyz and
+/metrics never need a key, so probes and scrapers need no secret. With no admin key, /admin/* answers
+clients on this host only (loopback): an admin call makes the server read files, which no one else
+should be able to ask. The key comes as `Authorization: Bearer KEY` or `X-API-Key: KEY`; both
+security schemes are declared in the OpenAPI schema.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from service.engine import Engine
 
 # auto_error=False: a missing or malformed header reaches the check below, which answers 401 with
 # its own message (FastAPI's default would be a bare 403).
-bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer KEY` (CLLM4REC_API_KEY)")
-api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="`X-API-Key: KEY` (CLLM4REC_API_KEY)")
+bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer KEY` (CLLM4REC_API_KEY or the scope's key)")
+api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="`X-API-Key: KEY` (CLLM4REC_API_KEY or the scope's key)")
 
 
 class Unauthorized(Exception):
@@ -44,37 +46,39 @@ def keys_match(offered: str, key: str) -> bool:
     return hmac.compare_digest(hashlib.sha256(offered.encode()).digest(), hashlib.sha256(key.encode()).digest())
 
 
-def check_api_key(request: Request, credentials: HTTPAuthorizationCredentials | None, header_key: str | None,
-                  write: bool) -> None:
-    settings = request.app.state.settings
-    if settings.api_key is None or not (write or settings.auth_reads):
+def check_key(request: Request, credentials: HTTPAuthorizationCredentials | None, header_key: str | None,
+              scope: str) -> None:
+    keys = request.app.state.settings.scope_keys(scope)
+    if not keys:
         return
     offered = credentials.credentials if credentials is not None else header_key
     if not offered:
-        raise Unauthorized("this endpoint needs the API key: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'")
-    if not keys_match(offered, settings.api_key.get_secret_value()):
-        raise Unauthorized("wrong API key")
+        raise Unauthorized(f"this endpoint needs a key ({scope} scope): send 'Authorization: Bearer KEY' or "
+                           "'X-API-Key: KEY'")
+    # Every configured key is compared (no early exit), so the time does not tell which one was close.
+    if not sum(keys_match(offered, key) for key in keys):
+        raise Unauthorized(f"wrong key for this endpoint ({scope} scope)")
 
 
 BearerCredentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 HeaderKey = Annotated[str | None, Depends(api_key_header)]
 
 
-def require_key_for_writes(request: Request, credentials: BearerCredentials, header_key: HeaderKey) -> None:
-    check_api_key(request, credentials, header_key, write=True)
+def require_read_key(request: Request, credentials: BearerCredentials, header_key: HeaderKey) -> None:
+    check_key(request, credentials, header_key, "read")
 
 
-def require_key_for_reads(request: Request, credentials: BearerCredentials, header_key: HeaderKey) -> None:
-    check_api_key(request, credentials, header_key, write=False)
+def require_write_key(request: Request, credentials: BearerCredentials, header_key: HeaderKey) -> None:
+    check_key(request, credentials, header_key, "write")
 
 
-def require_key_or_loopback_for_admin(request: Request, credentials: BearerCredentials,
-                                      header_key: HeaderKey) -> None:
-    check_api_key(request, credentials, header_key, write=True)
+def require_admin_key_or_loopback(request: Request, credentials: BearerCredentials, header_key: HeaderKey) -> None:
+    check_key(request, credentials, header_key, "admin")
     client = request.client.host if request.client else None
-    if request.app.state.settings.api_key is None and not is_loopback(client):
-        raise Forbidden("without CLLM4REC_API_KEY the admin endpoints answer this host only: set a key to call "
-                        "them over the network, or send SIGHUP to the server to reload")
+    if not request.app.state.settings.scope_keys("admin") and not is_loopback(client):
+        raise Forbidden("without an admin key (CLLM4REC_ADMIN_KEY or CLLM4REC_API_KEY) the admin endpoints answer "
+                        "this host only: set a key to call them over the network, or send SIGHUP to the server to "
+                        "reload")
 
 
 def is_loopback(host: str | None) -> bool:

@@ -26,7 +26,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from itertools import islice
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +41,7 @@ from model.config import ConfigError
 from service import metrics
 from service.batcher import Batcher
 from service.histories import HistoryStore, seed_from_checkpoint
-from service.schemas import (InteractionsResponse, RecommendedItem, RecommendQuery, RecommendResponse,
+from service.schemas import (ErasureResponse, HistoryResponse, InteractionsResponse, RecommendedItem, RecommendQuery, RecommendResponse,
                              ReloadResponse)
 from service.settings import Settings
 
@@ -75,14 +76,16 @@ class ServedModel:
 
     recommender: Recommender
     titles: list[str | None]
-    popularity: torch.Tensor
+    popularity: list[float]  # training interactions per item
+    popular_first: list[int]  # item indices, most popular first (ties: lower index first)
 
     @classmethod
     def load(cls, checkpoint: Path, settings: Settings) -> ServedModel:
         """Raises CheckpointError, BackboneError or ConfigError saying what is wrong."""
         recommender = load_recommender(checkpoint, model_device(settings.device), MODEL_DTYPES[settings.dtype])
+        popularity = torch.as_tensor(recommender.popularity, dtype=torch.float32)
         return cls(recommender, [title or None for title in recommender.checkpoint.item_titles],
-                   torch.as_tensor(recommender.popularity, dtype=torch.float32))
+                   popularity.tolist(), torch.argsort(popularity, descending=True, stable=True).tolist())
 
     @property
     def version(self) -> str:
@@ -98,6 +101,22 @@ class ServedModel:
         recommender = self.recommender
         return ScoreJob(self, build_recommend_prompt(recommender.space, user, history, recommender.max_history),
                         seen, k)
+
+    def most_popular(self, seen: Sequence[int], k: int) -> Ranking:
+        """The fallback: the k most popular items not in `seen`, from the order sorted once at load."""
+        excluded = set(seen)
+        items = list(islice((i for i in self.popular_first if i not in excluded), k))
+        return items, [self.popularity[i] for i in items]
+
+    def response(self, answer: Answer) -> RecommendResponse:
+        """The response body; built without validation (every field comes from this model)."""
+        item_ids, titles = self.recommender.checkpoint.item_ids, self.titles
+        return RecommendResponse.model_construct(
+            user_id=answer.user_id,
+            items=[RecommendedItem.model_construct(item_id=item_ids[i], score=s, title=titles[i])
+                   for i, s in zip(answer.items, answer.scores)],
+            model_version=self.version, cold_start=answer.cold_start, fallback=answer.fallback,
+            unknown_item_ids=answer.unknown_item_ids)
 
     def warm_up_job(self) -> ScoreJob:
         return self.job(0 if self.recommender.space.n_users else None, [0], [0], 1)
@@ -127,6 +146,22 @@ class ScoreJob:
 # (item indices, scores), best first
 Ranking = tuple[list[int], list[float]]
 
+# A response of more items than this is built off the event loop: a thread hop costs about 0.1 ms,
+# building 1,000 items about 5 ms (and 100 x 1,000 items of a batch request most of a second).
+INLINE_RESPONSE_ITEMS = 1000
+
+
+@dataclass
+class Answer:
+    """One request's ranking and what its response says about it."""
+
+    user_id: str
+    items: list[int]
+    scores: list[float]
+    cold_start: bool
+    fallback: str | None
+    unknown_item_ids: list[str]
+
 
 class Engine:
     """The served model, the history store and the batcher: what the routes work with."""
@@ -139,8 +174,10 @@ class Engine:
         threads = settings.resolved_torch_threads()
         self.batcher: Batcher[ScoreJob, Ranking] = Batcher(
             self.score_batch, settings.max_batch_size, settings.max_wait_ms / 1000, settings.queue_size,
-            thread_initializer=lambda: torch.set_num_threads(threads))
+            thread_initializer=lambda: torch.set_num_threads(threads), on_death=self.batcher_died)
         self.warmed_up = False
+        self.failure: str | None = None  # why this replica can no longer serve (it is stopping)
+        self.on_fatal: Callable[[], None] | None = None  # set by `cllm4rec serve`: stop the process
         self.reloading = asyncio.Lock()  # one reload at a time; others wait for it
         model.publish_info()
 
@@ -158,27 +195,45 @@ class Engine:
         await self.batcher.stop()
         await self.store.close()
 
+    def batcher_died(self, reason: str) -> None:
+        self.failure = reason
+        if self.on_fatal is not None:
+            self.on_fatal()
+
+    @property
+    def ready(self) -> bool:
+        return self.warmed_up and self.batcher.alive
+
     async def seed_histories(self) -> None:
         if self.settings.seed_histories:
             await seed_from_checkpoint(self.store, self.model.recommender.checkpoint)
 
     async def reload(self, checkpoint: Path) -> ReloadResponse:
         """Load `checkpoint` and warm it up in a thread while the current model serves, then swap it
-        in between two batches. Raises ReloadFailed, keeping the current model, if it cannot be
-        loaded or scored."""
+        in between two batches. Raises ReloadFailed, keeping the current model, if it is outside the
+        checkpoint root (CLLM4REC_CHECKPOINT_ROOT) or cannot be loaded or scored. The message names
+        no cause a caller could use to probe the server's files; the log has the cause."""
         async with self.reloading:
             started = time.perf_counter()
             previous = self.model.version
+            refused = ReloadFailed(f"reload of {checkpoint} failed, still serving {previous}: not a loadable "
+                                   "checkpoint under the checkpoint root (the server log says why)")
+            root = self.settings.reload_root()
+            if root is None or not checkpoint.resolve().is_relative_to(root):
+                log.warning("reload of %s refused: not under the checkpoint root %s (CLLM4REC_CHECKPOINT_ROOT)",
+                            checkpoint, root)
+                metrics.reloads.labels("failed").inc()
+                raise refused
             try:
                 model = await asyncio.to_thread(load_and_warm_up, checkpoint, self.settings)
             except (CheckpointError, BackboneError, ConfigError) as e:
+                log.warning("reload of %s failed: %s", checkpoint, e)
                 metrics.reloads.labels("failed").inc()
-                raise ReloadFailed(f"reload of {checkpoint} failed, still serving {previous}: {e}") from e
+                raise refused from e
             except Exception as e:  # a checkpoint that loads but cannot be scored is refused too
                 log.exception("reload of %s failed", checkpoint)
                 metrics.reloads.labels("failed").inc()
-                raise ReloadFailed(f"reload of {checkpoint} failed, still serving {previous}: "
-                                   f"{type(e).__name__}: {e}") from e
+                raise refused from e
             self.model = model  # from here on new requests use it; the old one goes with its last job
             model.publish_info()
             metrics.reloads.labels("ok").inc()
@@ -218,7 +273,7 @@ class Engine:
         if stored:  # one store round trip for every user whose history is needed
             for i, history in zip(stored, await self.store.get([requests[i].user_id for i in stored])):
                 histories[i] = history
-        responses: list[RecommendResponse | None] = [None] * len(requests)
+        answers: list[Answer | None] = [None] * len(requests)
         # At most one batch's worth of jobs in the queue per call: a large /recommend/batch fills
         # full forward passes one after another instead of taking the whole queue.
         step = self.settings.max_batch_size
@@ -229,16 +284,21 @@ class Engine:
             for error in results:
                 if isinstance(error, BaseException):
                     raise error
-            for i, response in zip(chunk, results):
-                responses[i] = response
-        return responses
+            for i, answer in zip(chunk, results):
+                answers[i] = answer
+        if sum(len(answer.items) for answer in answers) <= INLINE_RESPONSE_ITEMS:
+            return [model.response(answer) for answer in answers]
+        # Thousands of items take the event loop for tens of milliseconds or more: build them in a
+        # thread, so probes and other requests are answered meanwhile.
+        return await asyncio.to_thread(lambda: [model.response(answer) for answer in answers])
 
-    async def recommend_one(self, model: ServedModel, request: RecommendQuery,
-                            history: Sequence[str]) -> RecommendResponse:
+    async def recommend_one(self, model: ServedModel, request: RecommendQuery, history: Sequence[str]) -> Answer:
         recommender = model.recommender
         item_index = recommender.item_index
         known = [item_index[item_id] for item_id in history if item_id in item_index]
-        unknown = list(dict.fromkeys(item_id for item_id in history if item_id not in item_index))
+        # Only ids the caller sent come back: a stored history is not theirs to read through this answer.
+        unknown = [] if request.history is None else \
+            list(dict.fromkeys(item_id for item_id in history if item_id not in item_index))
         seen = sorted(set(known)) if request.exclude_seen else []
         user = recommender.user_index.get(request.user_id)
         fallback = None
@@ -247,21 +307,17 @@ class Engine:
         if user is None and not known:
             metrics.fallback.inc()
             fallback = "most_popular"
-            scores = model.popularity.clone()
-            scores[seen] = -torch.inf
-            items, values = top_k(scores[None], [request.k])[0]
+            items, values = model.most_popular(seen, request.k)
         else:
             recent_unique = list(dict.fromkeys(reversed(known)))[::-1]  # repeats dropped, latest occurrence kept
             items, values = await self.batcher.submit(model.job(user, recent_unique, seen, request.k))
-        item_ids = recommender.checkpoint.item_ids
-        return RecommendResponse(
-            user_id=request.user_id,
-            items=[RecommendedItem(item_id=item_ids[i], score=s, title=model.titles[i]) for i, s in zip(items, values)],
-            model_version=model.version,
-            cold_start=user is None,
-            fallback=fallback,
-            unknown_item_ids=unknown,
-        )
+        return Answer(request.user_id, items, values, user is None, fallback, unknown)
+
+    async def history(self, user_id: str) -> HistoryResponse:
+        return HistoryResponse(user_id=user_id, item_ids=(await self.store.get([user_id]))[0])
+
+    async def erase_history(self, user_id: str) -> ErasureResponse:
+        return ErasureResponse(user_id=user_id, erased=await self.store.erase(user_id))
 
     async def add_interactions(self, user_id: str, item_ids: Sequence[str]) -> InteractionsResponse:
         """Answers only once the store has acknowledged the write (Redis: the MULTI's EXEC reply);

@@ -3,16 +3,23 @@
 Redis key layout (defined here and nowhere else; PREFIX is CLLM4REC_REDIS_KEY_PREFIX, "cllm4rec:"):
 
     PREFIX history:<user_id>   list of item ids, oldest first. Appends RPUSH then LTRIM to the last
-                               HISTORY_MAX_LENGTH, in one MULTI, so the list never exceeds the cap.
-    PREFIX seeded              model_version of the checkpoint whose training histories were copied
-                               in (absent: never seeded, or Redis lost its data)
+                               HISTORY_MAX_LENGTH (and EXPIRE with CLLM4REC_HISTORY_TTL_S), in one MULTI,
+                               so the list never exceeds the cap.
+    PREFIX seeded:<version>    set once the training histories of model <version> are merged in: each
+                               model version seeds once, so two versions live at once (a rolling
+                               update, a canary, a reload) never re-seed in turn
+    PREFIX erased              set of user ids whose history was erased (DELETE): seeding never writes
+                               their training history back
 
 Item ids are stored as given, known to the model or not: the store is the event log, and the model
 that reads it decides what it understands (a retrained model may know today's unknown items).
 
-Seeding copies a checkpoint's training histories into users that have no key yet and never touches
-an existing key, so it is idempotent and keeps online events; several replicas seeding at once
-are safe because the check-and-write is one Lua script per user.
+Seeding merges: a user's history becomes their training items (oldest first) followed by the stored
+items that are not among them, in their order, capped. So events that arrived before the seed (Redis
+was down or empty at start) stay after the training items, seeding twice changes nothing, and a later
+model version adds its training items in front of what is stored. One Lua script per user does the
+read-merge-write, so an event that arrives during seeding is never lost, and several replicas may
+seed at once.
 
 Every Redis call has a timeout and no retries: a Redis that is down or stuck turns into
 HistoryStoreUnavailable (503) within CLLM4REC_REDIS_TIMEOUT_S, never a hanging request.
@@ -38,14 +45,36 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 HISTORY_KEY = "history:"
-SEEDED_KEY = "seeded"
+SEEDED_KEY = "seeded:"
+ERASED_KEY = "erased"
 SEED_CHUNK_USERS = 500  # users per pipeline while seeding
-SEED_TIMEOUT_S = 30.0  # per chunk: seeding runs at start-up or from the CLI, not under a request
+SEED_TIMEOUT_S = 30.0  # per chunk: seeding runs in the background or from the CLI, not under a request
 
-# KEYS[1] = history key, ARGV = item ids. Writes only a user who has no history yet.
-PUSH_IF_ABSENT = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('RPUSH', KEYS[1], unpack(ARGV))
+# KEYS[1] = history key, KEYS[2] = erased set; ARGV = user id, cap, ttl (0: none), training items.
+# Returns 1 when the history changed. Lua's unpack takes a few thousand values at most, so lists are
+# pushed in slices.
+MERGE_TRAINING_HISTORY = """
+if redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 1 then return 0 end
+local cap, ttl = tonumber(ARGV[2]), tonumber(ARGV[3])
+local merged, training = {}, {}
+for i = 4, #ARGV do merged[#merged + 1] = ARGV[i]; training[ARGV[i]] = true end
+local stored = redis.call('LRANGE', KEYS[1], 0, -1)
+for _, item in ipairs(stored) do
+  if not training[item] then merged[#merged + 1] = item end
+end
+local first = math.max(1, #merged - cap + 1)
+if #merged - first + 1 == #stored then
+  local same = true
+  for i = first, #merged do
+    if merged[i] ~= stored[i - first + 1] then same = false; break end
+  end
+  if same then return 0 end
+end
+redis.call('DEL', KEYS[1])
+for i = first, #merged, 1000 do
+  redis.call('RPUSH', KEYS[1], unpack(merged, i, math.min(i + 999, #merged)))
+end
+if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
 return 1
 """
 
@@ -61,11 +90,14 @@ class HistoryStore(Protocol):
     async def append(self, user_id: str, item_ids: Sequence[str]) -> int:
         """Append events; returns the history's length afterwards (capped)."""
 
-    async def seed(self, histories: Iterable[tuple[str, Sequence[str]]], version: str) -> int:
-        """Write the histories of users who have none, mark the store seeded by `version`; returns the
-        number of users written."""
+    async def erase(self, user_id: str) -> bool:
+        """Delete the user's history and keep seeding from writing it back; True if there was one."""
 
-    async def seeded_version(self) -> str | None: ...
+    async def seed(self, histories: Iterable[tuple[str, Sequence[str]]], version: str) -> int:
+        """Merge training histories in (module docstring), mark `version` seeded; returns the number of
+        users whose history changed."""
+
+    async def is_seeded(self, version: str) -> bool: ...
 
     async def ping(self) -> None:
         """Raises HistoryStoreUnavailable when the store cannot answer."""
@@ -74,13 +106,14 @@ class HistoryStore(Protocol):
 
 
 class RedisHistoryStore:
-    def __init__(self, url: str, key_prefix: str, max_length: int, timeout_s: float):
+    def __init__(self, url: str, key_prefix: str, max_length: int, timeout_s: float, ttl_s: int = 0):
         self.redis = redis.Redis.from_url(url, decode_responses=True, socket_timeout=timeout_s,
                                           socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0))
         self.prefix = key_prefix
         self.max_length = max_length
         self.timeout_s = timeout_s
-        self.push_if_absent = self.redis.register_script(PUSH_IF_ABSENT)
+        self.ttl_s = ttl_s
+        self.merge_training_history = self.redis.register_script(MERGE_TRAINING_HISTORY)
 
     def history_key(self, user_id: str) -> str:
         return f"{self.prefix}{HISTORY_KEY}{user_id}"
@@ -114,19 +147,33 @@ class RedisHistoryStore:
             pipe = self.redis.pipeline(transaction=True)
             pipe.rpush(key, *item_ids)
             pipe.ltrim(key, -self.max_length, -1)
-            length, _ = await pipe.execute()
+            if self.ttl_s:
+                pipe.expire(key, self.ttl_s)
+            length = (await pipe.execute())[0]
             return min(length, self.max_length)
         return await self._call("append", push_and_trim)
+
+    async def erase(self, user_id: str) -> bool:
+        async def delete_and_remember():
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.delete(self.history_key(user_id))
+            pipe.sadd(self.prefix + ERASED_KEY, user_id)
+            deleted, _ = await pipe.execute()
+            return bool(deleted)
+        return await self._call("erase", delete_and_remember)
 
     async def seed(self, histories: Iterable[tuple[str, Sequence[str]]], version: str) -> int:
         written = 0
         chunk: list[tuple[str, Sequence[str]]] = []
 
+        erased = self.prefix + ERASED_KEY
+
         async def flush():
             pipe = self.redis.pipeline(transaction=False)
             for user_id, item_ids in chunk:
-                await self.push_if_absent(keys=[self.history_key(user_id)], args=list(item_ids)[-self.max_length:],
-                                          client=pipe)
+                await self.merge_training_history(
+                    keys=[self.history_key(user_id), erased],
+                    args=[user_id, self.max_length, self.ttl_s, *list(item_ids)[-self.max_length:]], client=pipe)
             return sum(await pipe.execute())
 
         for user_id, item_ids in histories:
@@ -137,11 +184,11 @@ class RedisHistoryStore:
                 chunk = []
         if chunk:
             written += await self._call("seed", flush, SEED_TIMEOUT_S)
-        await self._call("seed", lambda: self.redis.set(self.prefix + SEEDED_KEY, version))
+        await self._call("seed", lambda: self.redis.set(self.prefix + SEEDED_KEY + version, "1"))
         return written
 
-    async def seeded_version(self) -> str | None:
-        return await self._call("seeded_version", lambda: self.redis.get(self.prefix + SEEDED_KEY))
+    async def is_seeded(self, version: str) -> bool:
+        return bool(await self._call("is_seeded", lambda: self.redis.exists(self.prefix + SEEDED_KEY + version)))
 
     async def ping(self) -> None:
         await self._call("ping", self.redis.ping)
@@ -156,7 +203,8 @@ class InProcessHistoryStore:
     def __init__(self, max_length: int):
         self.max_length = max_length
         self.histories: dict[str, deque[str]] = {}
-        self.version: str | None = None
+        self.seeded: set[str] = set()
+        self.erased: set[str] = set()
 
     async def get(self, user_ids: Sequence[str]) -> list[list[str]]:
         return [list(self.histories.get(user_id, ())) for user_id in user_ids]
@@ -166,17 +214,27 @@ class InProcessHistoryStore:
         history.extend(item_ids)
         return len(history)
 
+    async def erase(self, user_id: str) -> bool:
+        self.erased.add(user_id)
+        return self.histories.pop(user_id, None) is not None
+
     async def seed(self, histories: Iterable[tuple[str, Sequence[str]]], version: str) -> int:
         written = 0
         for user_id, item_ids in histories:
-            if len(item_ids) and user_id not in self.histories:
-                self.histories[user_id] = deque(item_ids, maxlen=self.max_length)
+            if not len(item_ids) or user_id in self.erased:
+                continue
+            stored = list(self.histories.get(user_id, ()))
+            training = list(item_ids)[-self.max_length:]
+            known = set(training)
+            merged = deque(training + [item for item in stored if item not in known], maxlen=self.max_length)
+            if list(merged) != stored:
+                self.histories[user_id] = merged
                 written += 1
-        self.version = version
+        self.seeded.add(version)
         return written
 
-    async def seeded_version(self) -> str | None:
-        return self.version
+    async def is_seeded(self, version: str) -> bool:
+        return version in self.seeded
 
     async def ping(self) -> None:
         return None
@@ -193,22 +251,23 @@ def checkpoint_histories(checkpoint) -> Iterable[tuple[str, list[str]]]:
 
 
 async def seed_from_checkpoint(store: HistoryStore, checkpoint) -> None:
-    """Copy the checkpoint's training histories in, unless this checkpoint's are there already.
+    """Merge the checkpoint's training histories in, unless this model version did already.
     Never raises for an unreachable store: serving goes on, and the server tries again later."""
     try:
-        if await store.seeded_version() == checkpoint.model_version:
+        if await store.is_seeded(checkpoint.model_version):
             return
         started = time.perf_counter()
         written = await store.seed(checkpoint_histories(checkpoint), checkpoint.model_version)
-        log.info("history store seeded from %s: %d users written (users with a history kept theirs) in %.1f s",
-                 checkpoint.path, written, time.perf_counter() - started)
+        log.info("history store seeded from %s: %d users' histories changed (training items merged before "
+                 "stored events) in %.1f s", checkpoint.path, written, time.perf_counter() - started)
     except HistoryStoreUnavailable as e:
         log.warning("history store not seeded yet (will retry): %s", e)
 
 
-def open_history_store(redis_url: str | None, key_prefix: str, max_length: int, timeout_s: float) -> HistoryStore:
-    """Redis when a URL is configured, else the in-process store. Connecting is lazy: this never fails
-    because Redis is down (readiness and requests report that)."""
+def open_history_store(redis_url: str | None, key_prefix: str, max_length: int, timeout_s: float,
+                       ttl_s: int = 0) -> HistoryStore:
+    """Redis when a URL is configured, else the in-process store (no TTL: it ends with the process).
+    Connecting is lazy: this never fails because Redis is down (readiness and requests report that)."""
     if redis_url:
-        return RedisHistoryStore(redis_url, key_prefix, max_length, timeout_s)
+        return RedisHistoryStore(redis_url, key_prefix, max_length, timeout_s, ttl_s)
     return InProcessHistoryStore(max_length)

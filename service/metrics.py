@@ -45,3 +45,8 @@ model_info = Info(
 reloads = Counter(
     "cllm4rec_reloads_total", "Checkpoint reloads (POST /admin/reload, SIGHUP), by result: ok, failed (the previous "
     "model kept serving)", ["result"])
+history_store_up = Gauge(
+    "cllm4rec_history_store_up", "1 when the history store answered its last ping (each /readyz and seeding "
+    "check), else 0; the replica stays ready either way")
+batcher_alive = Gauge(
+    "cllm4rec_batcher_alive", "1 while the forward-pass worker runs; 0 once it has died (the process then exits)")

@@ -127,7 +127,8 @@ class RecommendResponse(BaseModel):
                              "or the fallback was used")
     fallback: Literal["most_popular"] | None = Field(
         description="set when the model could not be prompted (unknown user without a known history item)")
-    unknown_item_ids: list[str] = Field(description="history item ids the model does not know; they were skipped")
+    unknown_item_ids: list[str] = Field(description="ids of the request's own `history` that the model does not "
+                                        "know; they were skipped (never ids of the stored history)")
 
 
 class BatchRecommendResponse(BaseModel):
@@ -145,19 +146,39 @@ class InteractionsResponse(BaseModel):
                                         "prompting")
 
 
+class HistoryResponse(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"user_id": "u42", "item_ids": ["i3", "i17", "i5"]}]})
+
+    user_id: str
+    item_ids: list[str] = Field(description="the stored history, oldest first (newest last), at most "
+                                "CLLM4REC_HISTORY_MAX_LENGTH items; empty when none is stored")
+
+
+class ErasureResponse(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"user_id": "u42", "erased": True}]})
+
+    user_id: str
+    erased: bool = Field(description="a stored history was deleted (false: there was none); either way none is "
+                         "stored now, and seeding will not write the user's training history back")
+
+
 class Health(BaseModel):
     status: Literal["ok"] = "ok"
 
 
 class Readiness(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [
-        {"ready": True, "model": True, "history_store": True, "shutting_down": False, "detail": None}]})
+        {"ready": True, "model": True, "history_store": True, "shutting_down": False, "detail": None},
+        {"ready": True, "model": True, "history_store": False, "shutting_down": False,
+         "detail": "history store (Redis) ping failed: Connection refused"}]})
 
-    ready: bool
-    model: bool = Field(description="the model is loaded and has scored its warm-up request")
-    history_store: bool = Field(description="the history store answered a ping just now")
+    ready: bool = Field(description="the model is warm, its forward-pass worker runs, and shutdown has not begun")
+    model: bool = Field(description="the model is loaded and has scored its warm-up request, and the worker runs")
+    history_store: bool = Field(description="the history store answered a ping just now; without it the replica "
+                                "stays ready: requests that bring their own history and the popularity fallback "
+                                "still work, stored-history requests get 503")
     shutting_down: bool
-    detail: str | None = Field(None, description="why not ready")
+    detail: str | None = Field(None, description="why not ready, or what is degraded")
 
 
 class ErrorResponse(BaseModel):
@@ -187,8 +208,9 @@ class ReloadResponse(BaseModel):
 
 
 # Error answers for the OpenAPI schema, merged into each route's `responses`.
-UNAUTHORIZED = {401: error("the API key is missing or wrong (CLLM4REC_API_KEY), with `WWW-Authenticate: Bearer`")}
-ADMIN_FORBIDDEN = {403: error("no API key is set and the call comes from another host (admin calls are then "
+UNAUTHORIZED = {401: error("the key is missing or wrong (CLLM4REC_API_KEY or the endpoint's scoped key), with "
+                           "`WWW-Authenticate: Bearer`")}
+ADMIN_FORBIDDEN = {403: error("no admin key is set and the call comes from another host (admin calls are then "
                               "loopback only)")}
 BODY_TOO_LARGE = {413: error("the request body is larger than CLLM4REC_MAX_BODY_BYTES")}
 BODY_UNREADABLE = {400: error("the body could not be parsed at all (not UTF-8, or nested too deeply)")}

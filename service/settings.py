@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -35,10 +35,21 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="TCP port")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
-    # --- access ---
-    api_key: SecretStr | None = Field(None, description="required on writes (POST /interactions, /admin/*) as "
-                                      "'Authorization: Bearer KEY' or 'X-API-Key: KEY'; unset or empty: no key")
-    auth_reads: bool = Field(False, description="require the API key on the recommendation endpoints too")
+    # --- access (docs/serving.md, "Access") ---
+    # Keys by scope: reads (/recommend*, GET /users/{id}/history), writes (POST /interactions, DELETE
+    # /users/{id}/history) and admin (/admin/*). CLLM4REC_API_KEY serves every scope; a scoped key
+    # serves its own. A scope with neither is open (admin: to this host only).
+    api_key: SecretStr | None = Field(None, description="key of every scope, sent as 'Authorization: Bearer KEY' "
+                                      "or 'X-API-Key: KEY'; unset or empty: no key")
+    read_key: SecretStr | None = Field(None, description="key of the read endpoints (/recommend*, GET history)")
+    write_key: SecretStr | None = Field(None, description="key of the write endpoints (POST /interactions, "
+                                        "DELETE history), e.g. for event collectors")
+    admin_key: SecretStr | None = Field(None, description="key of /admin/reload")
+    auth_reads: bool = Field(True, description="with a key configured, reads need one too; false opens reads "
+                             "to anyone who can reach the server (trusted networks only: a caller can then read "
+                             "any user's recommendations)")
+    checkpoint_root: Path | None = Field(None, description="/admin/reload loads only checkpoints under this "
+                                         "directory; unset: the configured checkpoint's parent directory")
 
     # --- input limits (the OpenAPI schema states them) ---
     max_body_bytes: int = Field(1_048_576, ge=1, description="largest request body; beyond, 413")
@@ -72,11 +83,15 @@ class Settings(BaseSettings):
                                   "can share one Redis)")
     redis_timeout_s: float = Field(0.5, gt=0, description="connect and per-operation timeout of Redis calls")
     history_max_length: int = Field(200, ge=1, description="most recent items kept per user")
-    seed_histories: bool = Field(True, description="copy the checkpoint's training histories into an empty "
-                                 "store")
+    history_ttl_s: int = Field(0, ge=0, description="a history key expires this many seconds after its last "
+                               "write (0: never)")
+    seed_histories: bool = Field(True, description="merge the checkpoint's training histories into the store "
+                                 "(once per model version)")
     seed_check_interval_s: float = Field(30.0, gt=0, description="how often an unseeded store (Redis down at "
                                          "start, or restarted empty) is checked again")
 
+    limit_concurrency: int = Field(0, ge=0, description="most connections and requests in progress; beyond, "
+                                   "uvicorn answers 503 at once (0: no limit)")
     shutdown_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long in-flight requests may "
                                       "take to finish")
 
@@ -85,13 +100,13 @@ class Settings(BaseSettings):
     def lower_case_level(cls, value):
         return value.lower() if isinstance(value, str) else value
 
-    @field_validator("api_key", mode="before")
+    @field_validator("api_key", "read_key", "write_key", "admin_key", mode="before")
     @classmethod
     def empty_key_is_no_key(cls, value):
         # `CLLM4REC_API_KEY=` (compose's ${VAR:-}, an optional Secret) means no key, as unset does.
         return None if value == "" else value
 
-    @field_validator("api_key")
+    @field_validator("api_key", "read_key", "write_key", "admin_key")
     @classmethod
     def guessable_key_is_refused(cls, value: SecretStr | None):
         # Clients send the key in a latin-1 HTTP header, so it is kept to printable ASCII; short keys
@@ -102,6 +117,30 @@ class Settings(BaseSettings):
                 raise ValueError(f"must be at least {MIN_API_KEY_LENGTH} printable ASCII characters without "
                                  "spaces (e.g. `openssl rand -hex 32`)")
         return value
+
+    @model_validator(mode="after")
+    def reads_are_not_left_open_by_accident(self):
+        # Scoped keys only, none for reads: reads would be open to anyone while writes are guarded,
+        # and a read shows a user's recommendations. Say so instead of serving that.
+        if self.auth_reads and self.api_key is None and self.read_key is None and (self.write_key or self.admin_key):
+            raise ValueError("CLLM4REC_WRITE_KEY or CLLM4REC_ADMIN_KEY is set but reads have no key: set "
+                             "CLLM4REC_READ_KEY (or CLLM4REC_API_KEY), or CLLM4REC_AUTH_READS=false to leave "
+                             "reads open (trusted networks only)")
+        return self
+
+    def scope_keys(self, scope: Literal["read", "write", "admin"]) -> list[str]:
+        """The keys a request of this scope may carry ([]: the scope is open)."""
+        if scope == "read" and not self.auth_reads:
+            return []
+        own = {"read": self.read_key, "write": self.write_key, "admin": self.admin_key}[scope]
+        return [key.get_secret_value() for key in (own, self.api_key) if key is not None]
+
+    def any_key(self) -> bool:
+        return any(key is not None for key in (self.api_key, self.read_key, self.write_key, self.admin_key))
+
+    def reload_root(self) -> Path | None:
+        root = self.checkpoint_root or (self.checkpoint.parent if self.checkpoint is not None else None)
+        return root.resolve() if root is not None else None
 
     def resolved_torch_threads(self) -> int:
         return self.torch_threads or available_cpus()

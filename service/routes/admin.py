@@ -7,12 +7,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, Body, Depends, Request
 
-from service.dependencies import get_engine, require_key_or_loopback_for_admin
+from service.dependencies import get_engine, require_admin_key_or_loopback
 from service.engine import Engine
 from service.schemas import (ADMIN_FORBIDDEN, BODY_TOO_LARGE, RELOAD_FAILED, UNAUTHORIZED, ReloadRequest,
                              ReloadResponse)
 
-router = APIRouter(tags=["admin"], dependencies=[Depends(require_key_or_loopback_for_admin)],
+router = APIRouter(tags=["admin"], dependencies=[Depends(require_admin_key_or_loopback)],
                    responses={**UNAUTHORIZED, **ADMIN_FORBIDDEN, **RELOAD_FAILED, **BODY_TOO_LARGE})
 
 

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from service import metrics
 from service.histories import HistoryStoreUnavailable
 from service.schemas import Health, Readiness
 
@@ -21,23 +22,29 @@ async def healthz() -> Health:
 @router.get("/readyz", summary="Readiness: send traffic here?", response_model=Readiness,
             responses={503: {"model": Readiness, "description": "not ready; `detail` says why"}})
 async def readyz(request: Request) -> JSONResponse:
-    """200 once the model has scored its warm-up request and the history store answers a ping; 503
-    before, while the store is unreachable, and from the moment shutdown begins."""
+    """200 once the model has scored its warm-up request, while its forward-pass worker runs, until
+    shutdown begins. The history store's state is reported (`history_store`, and the metric
+    cllm4rec_history_store_up) but does not make the replica unready: a Redis outage must not take
+    every replica out of the Service while they can still answer requests that bring their own
+    history, and the popularity fallback."""
     engine = request.app.state.engine
     shutting_down = request.app.state.shutting_down
-    model_ready = engine is not None and engine.warmed_up
+    model_ready = engine is not None and engine.ready
     store_ready, detail = False, None
-    if shutting_down:
-        detail = "shutting down"
-    elif not model_ready:
-        detail = "the model is loading or warming up"
-    else:
+    if engine is not None:
         try:
             await engine.store.ping()
             store_ready = True
         except HistoryStoreUnavailable as e:
             detail = str(e)
-    ready = model_ready and store_ready and not shutting_down
+    metrics.history_store_up.set(int(store_ready))
+    if shutting_down:
+        detail = "shutting down"
+    elif engine is not None and engine.failure:
+        detail = engine.failure
+    elif not model_ready:
+        detail = "the model is loading or warming up"
+    ready = model_ready and not shutting_down
     body = Readiness(ready=ready, model=model_ready, history_store=store_ready, shutting_down=shutting_down,
                      detail=detail)
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)

@@ -6,14 +6,14 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends
 
-from service.dependencies import get_engine, require_key_for_writes
+from service.dependencies import get_engine, require_write_key
 from service.engine import Engine
 from service.schemas import (BODY_TOO_LARGE, BODY_UNREADABLE, STORE_UNAVAILABLE, UNAUTHORIZED, InteractionsResponse,
                              RequestModels)
 
 
 def create_router(models: RequestModels) -> APIRouter:
-    router = APIRouter(tags=["interactions"], dependencies=[Depends(require_key_for_writes)],
+    router = APIRouter(tags=["interactions"], dependencies=[Depends(require_write_key)],
                        responses={**UNAUTHORIZED, **BODY_TOO_LARGE, **BODY_UNREADABLE, **STORE_UNAVAILABLE})
     InteractionsRequest = models.interactions
 

@@ -1,43 +1,62 @@
-"""POST /recommend, GET /recommend/{user_id}, POST /recommend/batch."""
+"""POST /recommend, GET /recommend/{user_id}, POST /recommend/batch.
+
+Bodies are serialised here, once (the engine builds them without validation), and in a thread when
+they are large, so that a batch of k = 1000 answers does not hold the event loop (and the probes).
+"""
 
 # No `from __future__ import annotations`: the body and parameter types are this app's own
 # (schemas.request_models), and FastAPI reads them from the annotations when the routes are made.
 
+import asyncio
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Query
+from fastapi.responses import Response
+from pydantic import BaseModel
 
-from service.dependencies import get_engine, require_key_for_reads
-from service.engine import Engine
+from service.dependencies import get_engine, require_read_key
+from service.engine import INLINE_RESPONSE_ITEMS, Engine
 from service.schemas import (BODY_TOO_LARGE, BODY_UNREADABLE, DEFAULT_K, RECOMMEND_ERRORS, UNAUTHORIZED,
                              BatchRecommendResponse, ExcludeSeen, RecommendResponse, RequestModels)
 
 EngineDep = Annotated[Engine, Depends(get_engine)]
 
 
+async def json_response(body: BaseModel, responses: list[RecommendResponse]) -> Response:
+    if sum(len(r.items) for r in responses) <= INLINE_RESPONSE_ITEMS:
+        return Response(body.model_dump_json(), media_type="application/json")
+    return Response(await asyncio.to_thread(body.model_dump_json), media_type="application/json")
+
+
 def create_router(models: RequestModels) -> APIRouter:
-    router = APIRouter(tags=["recommend"], dependencies=[Depends(require_key_for_reads)],
+    router = APIRouter(tags=["recommend"], dependencies=[Depends(require_read_key)],
                        responses={**UNAUTHORIZED, **RECOMMEND_ERRORS})
     RecommendRequest, BatchRecommendRequest = models.recommend, models.batch
     body_errors = {**BODY_TOO_LARGE, **BODY_UNREADABLE}
 
-    @router.post("/recommend", summary="Top-k items for one user", responses=body_errors)
-    async def recommend(body: RecommendRequest, engine: EngineDep) -> RecommendResponse:
+    @router.post("/recommend", summary="Top-k items for one user", responses=body_errors,
+                 response_model=RecommendResponse)
+    async def recommend(body: RecommendRequest, engine: EngineDep) -> Response:
         """Scores every item with one forward pass of the model over the user's prompt (stored history,
         or `history` when given) and returns the best `k`, the user's history excluded unless
         `exclude_seen` is false."""
-        return (await engine.recommend([body]))[0]
+        responses = await engine.recommend([body])
+        return await json_response(responses[0], responses)
 
-    @router.get("/recommend/{user_id}", summary="Top-k items for one user (stored history)")
+    @router.get("/recommend/{user_id}", summary="Top-k items for one user (stored history)",
+                response_model=RecommendResponse)
     async def recommend_get(user_id: Annotated[models.user_id_path, Path()], engine: EngineDep,
                             k: Annotated[models.k, Query()] = DEFAULT_K,
-                            exclude_seen: Annotated[ExcludeSeen, Query()] = True) -> RecommendResponse:
-        return (await engine.recommend([RecommendRequest(user_id=user_id, k=k, exclude_seen=exclude_seen)]))[0]
+                            exclude_seen: Annotated[ExcludeSeen, Query()] = True) -> Response:
+        responses = await engine.recommend([RecommendRequest(user_id=user_id, k=k, exclude_seen=exclude_seen)])
+        return await json_response(responses[0], responses)
 
-    @router.post("/recommend/batch", summary="Top-k items for many users at once", responses=body_errors)
-    async def recommend_batch(body: BatchRecommendRequest, engine: EngineDep) -> BatchRecommendResponse:
+    @router.post("/recommend/batch", summary="Top-k items for many users at once", responses=body_errors,
+                 response_model=BatchRecommendResponse)
+    async def recommend_batch(body: BatchRecommendRequest, engine: EngineDep) -> Response:
         """Each request as for POST /recommend; the histories are read in one store round trip and the
         prompts share forward passes."""
-        return BatchRecommendResponse(results=await engine.recommend(body.requests))
+        responses = await engine.recommend(body.requests)
+        return await json_response(BatchRecommendResponse.model_construct(results=responses), responses)
 
     return router

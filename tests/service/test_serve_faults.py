@@ -1,6 +1,7 @@
 """Faults: a missing, corrupt or incompatible checkpoint stops `cllm4rec serve` at once with one
 line naming the problem; Redis crashing and restarting under a stream of POST /interactions loses
-no acknowledged event, fails the requests it hits fast with 503, and needs no server restart."""
+no acknowledged event, fails the requests it hits fast with 503, and needs no server restart; a dead
+forward-pass worker makes the replica unready and stops `cllm4rec serve`."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ import pytest
 import redis
 
 from model.checkpoint import EMBEDDINGS_FILE, META_FILE
-from serving_helpers import OwnRedis, free_port, running_server, server_settings
+from service.cli import Server
+from serving_helpers import OwnRedis, free_port, metric_value, running_server, server_settings, start_server
 
 
 # --- a bad checkpoint at start -------------------------------------------------------------------
@@ -158,3 +160,39 @@ def test_acknowledged_interactions_survive_redis_crashes_and_restarts(tiny_check
     for writer in writers:  # stored in the order acknowledged, each once
         acknowledged_in_store = [e for e in stored[writer.user_id] if e in set(writer.acknowledged)]
         assert acknowledged_in_store == writer.acknowledged
+
+
+# --- a dead forward-pass worker --------------------------------------------------------------------
+
+def kill_the_batcher(server) -> None:
+    worker = server.engine.batcher.worker
+    worker.get_loop().call_soon_threadsafe(worker.cancel)
+
+
+def test_a_dead_batcher_makes_the_replica_unready(tiny_checkpoint):
+    with running_server(server_settings(tiny_checkpoint)) as server, server.client() as client:
+        assert client.get("/readyz").status_code == 200
+        kill_the_batcher(server)
+        deadline = time.monotonic() + 10
+        while client.get("/readyz").status_code == 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        ready = client.get("/readyz").json()
+        assert ready["ready"] is False and ready["model"] is False
+        assert "forward-pass worker" in ready["detail"]
+        assert metric_value(client.get("/metrics").text, "cllm4rec_batcher_alive") == 0
+        assert client.get("/healthz").status_code == 200
+
+
+def test_cllm4rec_serve_exits_when_its_batcher_dies(tiny_checkpoint):
+    """The server of `cllm4rec serve` stops on its own and reports the failure (exit status 1 there),
+    so that Kubernetes restarts the container."""
+    running = start_server(server_settings(tiny_checkpoint), server_class=Server)
+    try:
+        kill_the_batcher(running)
+        running.thread.join(30)
+        assert not running.thread.is_alive(), "the server kept running without its batcher"
+        assert running.server.fatal and running.app.state.shutting_down
+    finally:
+        if running.thread.is_alive():
+            running.stop()

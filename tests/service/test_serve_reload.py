@@ -35,7 +35,7 @@ def test_reload_under_traffic_fails_no_request_and_switches_versions(tiny_checkp
     old_version = offline.checkpoint.model_version
     new_version = variant_checkpoint(tiny_checkpoint, tmp_path / "new", scale=1.5)
     user_ids = offline.checkpoint.user_ids
-    settings = server_settings(tiny_checkpoint, max_batch_size=4, max_wait_ms=5)
+    settings = server_settings(tiny_checkpoint, max_batch_size=4, max_wait_ms=5, checkpoint_root=tmp_path.parent)
     with running_server(settings) as server, server.client() as client:
         slow_down(server, 0.02)  # forward passes long enough that requests are in flight at each swap
         stop = threading.Event()
@@ -76,7 +76,8 @@ def test_reload_under_traffic_fails_no_request_and_switches_versions(tiny_checkp
 
     # The new model answers as the offline scorer does with that checkpoint.
     new = load_recommender(tmp_path / "new", "cpu")
-    with running_server(server_settings(tiny_checkpoint)) as server, server.client() as client:
+    with running_server(server_settings(tiny_checkpoint, checkpoint_root=tmp_path)) as server, \
+            server.client() as client:
         assert client.post("/admin/reload", json={"checkpoint": str(tmp_path / "new")}).status_code == 200
         history = new.checkpoint.split.train[3].tolist()
         response = client.post("/recommend", json={"user_id": user_ids[3], "k": 5}).json()
@@ -106,35 +107,47 @@ def test_a_batch_spanning_the_swap_is_scored_in_one_pass_per_model(tiny_checkpoi
 def test_reload_seeds_the_store_for_the_new_checkpoint(tiny_checkpoint, offline, tmp_path, redis_prefix,
                                                        redis_client):
     new_version = variant_checkpoint(tiny_checkpoint, tmp_path / "new", scale=1.5)
-    settings = server_settings(tiny_checkpoint, redis_url=REDIS_URL, redis_key_prefix=redis_prefix)
+    settings = server_settings(tiny_checkpoint, redis_url=REDIS_URL, redis_key_prefix=redis_prefix,
+                               checkpoint_root=tmp_path)
     user_id = offline.checkpoint.user_ids[2]
     key = f"{redis_prefix}history:{user_id}"
     with running_server(settings) as server, server.client() as client:
-        assert redis_client.get(redis_prefix + "seeded") == offline.checkpoint.model_version
+        assert redis_client.exists(redis_prefix + "seeded:" + offline.checkpoint.model_version)
         assert client.post("/interactions", json={"user_id": user_id, "item_ids": ["i9"]}).status_code == 200
         history = redis_client.lrange(key, 0, -1)
         assert client.post("/admin/reload", json={"checkpoint": str(tmp_path / "new")}).status_code == 200
-        assert redis_client.get(redis_prefix + "seeded") == new_version
-        assert redis_client.lrange(key, 0, -1) == history  # online events kept
+        assert redis_client.exists(redis_prefix + "seeded:" + new_version)  # each version's own marker
+        assert redis_client.exists(redis_prefix + "seeded:" + offline.checkpoint.model_version)
+        assert redis_client.lrange(key, 0, -1) == history  # same training items: the online events kept
 
 
-def test_a_broken_checkpoint_is_refused_and_the_old_model_keeps_serving(tiny_checkpoint, offline, tmp_path):
+def test_a_broken_checkpoint_is_refused_and_the_old_model_keeps_serving(tiny_checkpoint, offline, tmp_path, caplog):
     broken = tmp_path / "broken"
     shutil.copytree(tiny_checkpoint, broken)
     (broken / EMBEDDINGS_FILE).write_bytes((broken / EMBEDDINGS_FILE).read_bytes()[:-64])
     version = offline.checkpoint.model_version
     user_id = offline.checkpoint.user_ids[5]
-    with running_server(server_settings(tiny_checkpoint)) as server, server.client() as client:
+    with running_server(server_settings(tiny_checkpoint, checkpoint_root=tmp_path)) as server, \
+            server.client() as client:
         before = client.post("/recommend", json={"user_id": user_id, "k": 5}).json()
         failed_before = metric_value(client.get("/metrics").text, "cllm4rec_reloads_total", result="failed")
+        answers = {}
+        # broken, missing, and outside the root (the configured checkpoint's own directory): one and the
+        # same answer, so a caller cannot tell which paths exist; the log says why
         for path, reason in ((broken, "embeddings.safetensors does not match its checksum"),
-                             (tmp_path / "missing", "no such checkpoint directory")):
+                             (tmp_path / "missing", "no such checkpoint directory"),
+                             (tiny_checkpoint, "not under the checkpoint root"),
+                             (tmp_path / ".." / tiny_checkpoint.parent.name, "not under the checkpoint root")):
             response = client.post("/admin/reload", json={"checkpoint": str(path)})
             assert response.status_code == 400, response.text
-            assert reason in response.json()["detail"] and f"still serving {version}" in response.json()["detail"]
+            detail = response.json()["detail"]
+            assert f"still serving {version}" in detail and reason not in detail
+            answers[path] = detail.replace(str(path), "PATH")
+            assert reason in caplog.text
+        assert len(set(answers.values())) == 1, answers
         assert client.post("/recommend", json={"user_id": user_id, "k": 5}).json() == before
         text = client.get("/metrics").text
-        assert metric_value(text, "cllm4rec_reloads_total", result="failed") == failed_before + 2
+        assert metric_value(text, "cllm4rec_reloads_total", result="failed") == failed_before + 4
         assert metric_value(text, "cllm4rec_model_info", model_version=version) == 1
         assert client.get("/readyz").status_code == 200
 
