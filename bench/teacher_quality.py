@@ -24,7 +24,9 @@ def main() -> None:
     parser.add_argument("--weights", type=float, nargs="+", default=[0.0, 0.1, 0.3, 1.0, 3.0])
     parser.add_argument("--lam", type=float, default=TrainConfig.distill_lambda)
     parser.add_argument("--users", type=int, default=2000, help="validation users scored")
-    parser.add_argument("--max-dense-items", type=int, default=TrainConfig.teacher_max_items)
+    parser.add_argument("--max-dense-items", type=int, default=TrainConfig.teacher_max_items,
+                        help="0: the low-rank teacher at any catalogue size")
+    parser.add_argument("--rank", type=int, default=TrainConfig.teacher_rank, help="rank of the low-rank teacher")
     args = parser.parse_args()
     dataset = load_dataset(args.data)
     split = split_dataset(dataset, seed=0)
@@ -34,7 +36,7 @@ def main() -> None:
     print(f"{dataset.n_users} users, {dataset.n_items} items; validation, {len(users)} users, lambda {args.lam:g}")
     for weight in args.weights:
         started = time.perf_counter()
-        teacher = fit_teacher(split, dataset.n_items, args.lam, args.max_dense_items, TrainConfig.teacher_rank, users,
+        teacher = fit_teacher(split, dataset.n_items, args.lam, args.max_dense_items, args.rank, users,
                               texts, weight)
         seconds = time.perf_counter() - started
         metrics = evaluate_scorer(lambda batch: teacher.scores([known[u].indices.tolist() for u in batch]), split,

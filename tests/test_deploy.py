@@ -65,6 +65,9 @@ def run(*command, check=True, **kwargs) -> subprocess.CompletedProcess:
     return result
 
 
+COMPOSE_REDIS_PASSWORD = "compose-test-password-0123456789"
+
+
 def clean_env(**extra) -> dict:
     """This process's environment without CLLM4REC_* settings a developer may have exported."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CLLM4REC_", "GRAFANA_"))}
@@ -190,7 +193,7 @@ def compose_config(*files: str, profiles: tuple[str, ...] = ()) -> dict:
         command += ["-f", REPO / f]
     for p in profiles:
         command += ["--profile", p]
-    out = run(*command, "config", cwd=REPO, env=clean_env()).stdout
+    out = run(*command, "config", cwd=REPO, env=clean_env(CLLM4REC_REDIS_PASSWORD=COMPOSE_REDIS_PASSWORD)).stdout
     return yaml.safe_load(out)
 
 
@@ -235,7 +238,13 @@ def seconds(duration: str) -> float:
 def test_docker_compose_config_accepts_the_files(files, profiles):
     command = [tool("docker-compose")] + [a for f in files for a in ("-f", REPO / f)]
     command += [a for p in profiles for a in ("--profile", p)]
-    run(*command, "config", "-q", cwd=REPO, env=clean_env())
+    run(*command, "config", "-q", cwd=REPO, env=clean_env(CLLM4REC_REDIS_PASSWORD=COMPOSE_REDIS_PASSWORD))
+
+
+def test_compose_refuses_to_start_redis_without_a_password():
+    result = run(tool("docker-compose"), "-f", REPO / "docker-compose.yml", "config", "-q", cwd=REPO,
+                 env=clean_env(), check=False)
+    assert result.returncode != 0 and "CLLM4REC_REDIS_PASSWORD" in result.stderr
 
 
 def test_compose_stack_is_wired_together():
@@ -245,7 +254,11 @@ def test_compose_stack_is_wired_together():
     assert services["train"]["profiles"] == ["train"], "train must only start with its profile"
 
     redis = services["redis"]
-    assert "--appendonly" in redis["command"] and redis["command"][redis["command"].index("--appendonly") + 1] == "yes"
+    server = redis["command"][-1]
+    assert "--appendonly yes" in server and "--appendfsync everysec" in server
+    assert '--requirepass "$$REDISCLI_AUTH"' in server  # $$: left for the container's shell to expand
+    assert environment(redis)["REDISCLI_AUTH"] == COMPOSE_REDIS_PASSWORD  # also what the healthcheck's redis-cli uses
+    assert not redis.get("ports"), "Redis is reachable on the stack's network only"
     assert mounts(redis)["/data"] == "redis-data"
     assert "redis-cli" in redis["healthcheck"]["test"] and "ping" in redis["healthcheck"]["test"]
 
@@ -255,7 +268,8 @@ def test_compose_stack_is_wired_together():
     assert api["build"]["target"] == "server" and (REPO / api["build"]["dockerfile"]).exists()
     env = environment(api)
     assert set(k for k in env if k.startswith("CLLM4REC_")) <= SETTINGS_ENV, "unknown CLLM4REC_ setting"
-    assert env["CLLM4REC_REDIS_URL"].startswith("redis://redis:")
+    assert env["CLLM4REC_REDIS_URL"] == f"redis://:{COMPOSE_REDIS_PASSWORD}@redis:6379/0"
+    assert env["CLLM4REC_CHECKPOINT_ROOT"] == "/checkpoints"
     assert seconds(api["stop_grace_period"]) > float(env["CLLM4REC_SHUTDOWN_TIMEOUT_S"])
     assert mounts(api)["/checkpoints"] == "checkpoints" and read_only(api, "/checkpoints")
     assert api["read_only"] is True
@@ -414,6 +428,10 @@ def test_service_hpa_and_pdb_point_at_the_api(overlay):
     hpa = one(docs, "HorizontalPodAutoscaler")
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "cllm4rec-api"}
     assert 1 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
+    # A drain never takes the only replica: at least one stays beside what the budget lets go.
+    pdb = one(docs, "PodDisruptionBudget")["spec"]
+    least = min(hpa["spec"]["minReplicas"], deployment["spec"]["replicas"])
+    assert ("maxUnavailable" in pdb and least - pdb["maxUnavailable"] >= 1) or pdb.get("minAvailable", 0) >= 1
 
 
 def test_redis_statefulset_persists_and_the_api_points_at_it(overlay):
@@ -423,9 +441,29 @@ def test_redis_statefulset_persists_and_the_api_points_at_it(overlay):
     assert container["args"][container["args"].index("--appendonly") + 1] == "yes"
     claim = redis["spec"]["volumeClaimTemplates"][0]["metadata"]["name"]
     assert {"name": claim, "mountPath": "/data"} in container["volumeMounts"]
+    assert container["args"][container["args"].index("--appendfsync") + 1] == "everysec"
     service = one(docs, "Service", "redis")
     assert redis["spec"]["serviceName"] == "redis"
-    assert one(docs, "ConfigMap")["data"]["CLLM4REC_REDIS_URL"] == f"redis://redis:{service['spec']['ports'][0]['port']}/0"
+    # a password from the Secret, required by Redis (no `optional`), and spliced into the API's URL
+    password = container["args"][container["args"].index("--requirepass") + 1]
+    assert password == "$(REDIS_PASSWORD)"
+    redis_env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]}
+    assert redis_env["REDIS_PASSWORD"] == redis_env["REDISCLI_AUTH"] == {"name": "cllm4rec-redis-auth",
+                                                                           "key": "password"}
+    api = one(docs, "Deployment", "cllm4rec-api")["spec"]["template"]
+    api_env = [e["name"] for e in api["spec"]["containers"][0]["env"]]
+    url = next(e for e in api["spec"]["containers"][0]["env"] if e["name"] == "CLLM4REC_REDIS_URL")
+    assert url["value"] == f"redis://:$(REDIS_PASSWORD)@redis:{service['spec']['ports'][0]['port']}/0"
+    assert api_env.index("REDIS_PASSWORD") < api_env.index("CLLM4REC_REDIS_URL")  # $(VAR) needs it defined first
+    assert "CLLM4REC_REDIS_URL" not in one(docs, "ConfigMap")["data"]
+    # only the API pods reach Redis
+    policy = one(docs, "NetworkPolicy", "redis")
+    assert selects(policy["spec"]["podSelector"]["matchLabels"], redis["spec"]["template"]["metadata"]["labels"])
+    allowed = policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]
+    assert selects(allowed, api["metadata"]["labels"])
+    assert policy["spec"]["ingress"][0]["ports"] == [{"protocol": "TCP", "port": 6379}]
+    jobs = [d["spec"]["template"]["metadata"].get("labels", {}) for d in by_kind(docs, "Job")]
+    assert not any(selects(allowed, labels) for labels in jobs)
 
 
 def test_training_jobs_write_into_the_checkpoints_claim(overlay):

@@ -12,7 +12,6 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Query
 from fastapi.responses import Response
-from pydantic import BaseModel
 
 from service.dependencies import get_engine, require_read_key
 from service.engine import INLINE_RESPONSE_ITEMS, Engine
@@ -22,10 +21,20 @@ from service.schemas import (BODY_TOO_LARGE, BODY_UNREADABLE, DEFAULT_K, RECOMME
 EngineDep = Annotated[Engine, Depends(get_engine)]
 
 
-async def json_response(body: BaseModel, responses: list[RecommendResponse]) -> Response:
+def serialise(responses: list[RecommendResponse], batch: bool) -> bytes:
+    # One response at a time: serialising holds the GIL for the whole call, so a batch serialised in
+    # one call would stall the event loop for as long; between calls the loop gets its turn.
+    if not batch:
+        return responses[0].model_dump_json().encode()
+    return b'{"results":[' + b",".join(r.model_dump_json().encode() for r in responses) + b"]}"
+
+
+async def json_response(responses: list[RecommendResponse], batch: bool = False) -> Response:
     if sum(len(r.items) for r in responses) <= INLINE_RESPONSE_ITEMS:
-        return Response(body.model_dump_json(), media_type="application/json")
-    return Response(await asyncio.to_thread(body.model_dump_json), media_type="application/json")
+        body = serialise(responses, batch)
+    else:
+        body = await asyncio.to_thread(serialise, responses, batch)
+    return Response(body, media_type="application/json")
 
 
 def create_router(models: RequestModels) -> APIRouter:
@@ -40,23 +49,21 @@ def create_router(models: RequestModels) -> APIRouter:
         """Scores every item with one forward pass of the model over the user's prompt (stored history,
         or `history` when given) and returns the best `k`, the user's history excluded unless
         `exclude_seen` is false."""
-        responses = await engine.recommend([body])
-        return await json_response(responses[0], responses)
+        return await json_response(await engine.recommend([body]))
 
     @router.get("/recommend/{user_id}", summary="Top-k items for one user (stored history)",
                 response_model=RecommendResponse)
     async def recommend_get(user_id: Annotated[models.user_id_path, Path()], engine: EngineDep,
                             k: Annotated[models.k, Query()] = DEFAULT_K,
                             exclude_seen: Annotated[ExcludeSeen, Query()] = True) -> Response:
-        responses = await engine.recommend([RecommendRequest(user_id=user_id, k=k, exclude_seen=exclude_seen)])
-        return await json_response(responses[0], responses)
+        return await json_response(await engine.recommend([RecommendRequest(user_id=user_id, k=k,
+                                                                            exclude_seen=exclude_seen)]))
 
     @router.post("/recommend/batch", summary="Top-k items for many users at once", responses=body_errors,
                  response_model=BatchRecommendResponse)
     async def recommend_batch(body: BatchRecommendRequest, engine: EngineDep) -> Response:
         """Each request as for POST /recommend; the histories are read in one store round trip and the
         prompts share forward passes."""
-        responses = await engine.recommend(body.requests)
-        return await json_response(BatchRecommendResponse.model_construct(results=responses), responses)
+        return await json_response(await engine.recommend(body.requests), batch=True)
 
     return router

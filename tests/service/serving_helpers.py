@@ -163,13 +163,14 @@ def free_port() -> int:
 
 class OwnRedis:
     """A redis-server of the test's own (never the shared one), to stop, crash and start at will.
-    persistent: an append-only file fsynced on every write, so a restart, even after a crash, keeps
-    every write Redis has acknowledged."""
+    persistent: an append-only file, fsynced on every write (`fsync="always"`) or once a second
+    (`"everysec"`, the deployed setting)."""
 
-    def __init__(self, directory: Path, persistent: bool = False):
+    def __init__(self, directory: Path, persistent: bool = False, fsync: str = "always"):
         self.port = free_port()
         self.directory = directory
         self.persistent = persistent
+        self.fsync = fsync
         self.process: subprocess.Popen | None = None
 
     @property
@@ -177,7 +178,7 @@ class OwnRedis:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else ["--appendonly", "no"]
+        persistence = ["--appendonly", "yes", "--appendfsync", self.fsync] if self.persistent else ["--appendonly", "no"]
         self.process = subprocess.Popen(
             [shutil.which("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              *persistence, "--dir", str(self.directory)], stdout=subprocess.DEVNULL)
