@@ -137,3 +137,16 @@ def test_quickstart_with_the_real_backbone(tmp_path):
     finally:
         process.send_signal(signal.SIGINT)
         process.wait(30)
+
+
+def test_limit_concurrency_reaches_uvicorn(tiny_checkpoint, monkeypatch):
+    """CLLM4REC_LIMIT_CONCURRENCY caps uvicorn's connections and requests (0: no limit)."""
+    seen = {}
+
+    def record(server):
+        seen["limit"] = server.config.limit_concurrency
+    monkeypatch.setattr(cli, "run_until_stopped", record)
+    for value, expected in (("7", 7), ("0", None)):
+        monkeypatch.setenv("CLLM4REC_LIMIT_CONCURRENCY", value)
+        assert cli.main(["serve", "--checkpoint", str(tiny_checkpoint)]) == 1  # never started: exit 1
+        assert seen["limit"] == expected
