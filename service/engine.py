@@ -97,15 +97,19 @@ class ServedModel:
                                  "backbone_layers": str(meta["backbone"]["layers"]), "n_items": str(meta["n_items"]),
                                  "n_users": str(meta["n_users"])})
 
-    def job(self, user: int | None, history: list[int], seen: list[int], k: int) -> ScoreJob:
+    def job(self, user: int | None, history: list[int], excluded: list[int], k: int,
+            candidates: list[int] | None = None) -> ScoreJob:
         recommender = self.recommender
         return ScoreJob(self, build_recommend_prompt(recommender.space, user, history, recommender.max_history),
-                        seen, k)
+                        excluded, k, candidates)
 
-    def most_popular(self, seen: Sequence[int], k: int) -> Ranking:
-        """The fallback: the k most popular items not in `seen`, from the order sorted once at load."""
-        excluded = set(seen)
-        items = list(islice((i for i in self.popular_first if i not in excluded), k))
+    def most_popular(self, excluded: Sequence[int], k: int, candidates: Sequence[int] | None = None) -> Ranking:
+        """The fallback: the k most popular items not excluded (and among the candidates, when given),
+        from the order sorted once at load."""
+        excluded = set(excluded)
+        allowed = set(candidates) if candidates is not None else None
+        items = list(islice((i for i in self.popular_first
+                             if i not in excluded and (allowed is None or i in allowed)), k))
         return items, [self.popularity[i] for i in items]
 
     def response(self, answer: Answer) -> RecommendResponse:
@@ -124,9 +128,15 @@ class ServedModel:
     def score(self, jobs: Sequence[ScoreJob]) -> list[Ranking]:
         """One padded forward pass for jobs of this model, masking and top-k."""
         scores = score_prompts(self.recommender.model, [job.prompt for job in jobs])  # [B, n_items] float32
-        rows = [row for row, job in enumerate(jobs) for _ in job.seen]
+        for row, job in enumerate(jobs):
+            if job.candidates is not None:  # only the candidates may be ranked
+                allowed = torch.as_tensor(job.candidates, dtype=torch.long, device=scores.device)
+                kept = scores[row, allowed]
+                scores[row] = -torch.inf
+                scores[row, allowed] = kept
+        rows = [row for row, job in enumerate(jobs) for _ in job.excluded]
         if rows:
-            columns = [item for job in jobs for item in job.seen]
+            columns = [item for job in jobs for item in job.excluded]
             scores[torch.as_tensor(rows, device=scores.device),
                    torch.as_tensor(columns, device=scores.device)] = -torch.inf
         return top_k(scores, [job.k for job in jobs])
@@ -134,13 +144,15 @@ class ServedModel:
 
 @dataclass
 class ScoreJob:
-    """One prompt for the batcher: its top k items, the `seen` item indices excluded, scored by the
-    model whose token space the prompt and indices belong to."""
+    """One prompt for the batcher: its top k items, the `excluded` item indices left out (and only
+    `candidates` ranked, when given), scored by the model whose token space the prompt and indices
+    belong to."""
 
     model: ServedModel
     prompt: list[int]
-    seen: list[int]
+    excluded: list[int]
     k: int
+    candidates: list[int] | None = None
 
 
 # (item indices, scores), best first
@@ -297,9 +309,14 @@ class Engine:
         item_index = recommender.item_index
         known = [item_index[item_id] for item_id in history if item_id in item_index]
         # Only ids the caller sent come back: a stored history is not theirs to read through this answer.
-        unknown = [] if request.history is None else \
-            list(dict.fromkeys(item_id for item_id in history if item_id not in item_index))
-        seen = sorted(set(known)) if request.exclude_seen else []
+        sent = [*(request.history or ()), *(request.exclude_item_ids or ()), *(request.candidate_item_ids or ())]
+        unknown = list(dict.fromkeys(item_id for item_id in sent if item_id not in item_index))
+        # Business rules and the history, as masks on the one pass's scores.
+        excluded = set(known) if request.exclude_seen else set()
+        excluded.update(item_index[i] for i in request.exclude_item_ids or () if i in item_index)
+        excluded = sorted(excluded)
+        candidates = None if request.candidate_item_ids is None else \
+            sorted({item_index[i] for i in request.candidate_item_ids if i in item_index})
         user = recommender.user_index.get(request.user_id)
         fallback = None
         if user is None:
@@ -307,10 +324,10 @@ class Engine:
         if user is None and not known:
             metrics.fallback.inc()
             fallback = "most_popular"
-            items, values = model.most_popular(seen, request.k)
+            items, values = model.most_popular(excluded, request.k, candidates)
         else:
             recent_unique = list(dict.fromkeys(reversed(known)))[::-1]  # repeats dropped, latest occurrence kept
-            items, values = await self.batcher.submit(model.job(user, recent_unique, seen, request.k))
+            items, values = await self.batcher.submit(model.job(user, recent_unique, excluded, request.k, candidates))
         return Answer(request.user_id, items, values, user is None, fallback, unknown)
 
     async def history(self, user_id: str) -> HistoryResponse:

@@ -50,6 +50,8 @@ class RecommendQuery(Protocol):
     k: int
     exclude_seen: bool
     history: list[str] | None
+    exclude_item_ids: list[str] | None
+    candidate_item_ids: list[str] | None
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,7 @@ def request_models(settings: "Settings") -> RequestModels:
         model_config = ConfigDict(json_schema_extra={"examples": [
             {"user_id": "u42", "k": 10},
             {"user_id": "new-visitor-1", "k": 5, "history": ["i3", "i17"]},
+            {"user_id": "u42", "k": 3, "exclude_item_ids": ["i99"], "candidate_item_ids": ["i3", "i17", "i21", "i99"]},
         ]})
 
         user_id: UserId
@@ -83,6 +86,13 @@ def request_models(settings: "Settings") -> RequestModels:
         history: list[ItemId] | None = Field(
             None, max_length=settings.max_history_items,
             description="item ids, oldest first, used instead of the stored history (the store is not read)")
+        exclude_item_ids: list[ItemId] | None = Field(
+            None, max_length=settings.max_rule_items, examples=[["i99"]],
+            description="items never to return (e.g. out of stock), besides the history when `exclude_seen`")
+        candidate_item_ids: list[ItemId] | None = Field(
+            None, max_length=settings.max_rule_items, examples=[["i3", "i17", "i21"]],
+            description="rank only these items (e.g. a category page); the other rules still apply. Fewer "
+                        "than k may come back")
 
     class BatchRecommendRequest(Strict):
         model_config = ConfigDict(json_schema_extra={"examples": [
@@ -127,8 +137,9 @@ class RecommendResponse(BaseModel):
                              "or the fallback was used")
     fallback: Literal["most_popular"] | None = Field(
         description="set when the model could not be prompted (unknown user without a known history item)")
-    unknown_item_ids: list[str] = Field(description="ids of the request's own `history` that the model does not "
-                                        "know; they were skipped (never ids of the stored history)")
+    unknown_item_ids: list[str] = Field(description="ids the request sent (`history`, `exclude_item_ids`, "
+                                        "`candidate_item_ids`) that the model does not know; they were skipped "
+                                        "(never ids of the stored history)")
 
 
 class BatchRecommendResponse(BaseModel):

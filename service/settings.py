@@ -58,6 +58,8 @@ class Settings(BaseSettings):
     max_history_items: int = Field(1000, ge=1, description="most item ids in a request's history or in one "
                                    "POST /interactions")
     max_batch_users: int = Field(100, ge=1, description="most requests in one POST /recommend/batch")
+    max_rule_items: int = Field(10_000, ge=1, description="most item ids in a request's exclude_item_ids or "
+                                "candidate_item_ids")
 
     # --- model ---
     device: Literal["auto", "cpu", "cuda"] = Field(

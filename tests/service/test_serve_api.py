@@ -1,5 +1,6 @@
 """The HTTP API over real HTTP, with the in-process history store: answers equal the offline
-scorer's, seen items are excluded, online events count, cold start and fallback, bad input."""
+scorer's, seen items are excluded, online events count, business rules (excluded items, candidates),
+cold start and fallback, bad input."""
 
 from __future__ import annotations
 
@@ -214,3 +215,42 @@ def test_openapi_schema_is_complete(client):
     assert {"401", "413", "422", "503", "504"} <= set(paths["/recommend"]["post"]["responses"])
     assert {"401", "413", "422", "503"} <= set(paths["/interactions"]["post"]["responses"])
     assert {"400", "401", "413", "422"} <= set(paths["/admin/reload"]["post"]["responses"])
+
+
+def test_excluded_items_and_candidates_are_masks_on_the_one_pass(client, offline):
+    user = 9
+    user_id = offline.checkpoint.user_ids[user]
+    item_ids = offline.checkpoint.item_ids
+    history = offline.checkpoint.split.train[user].tolist()
+    ranked, _ = offline_ranking(offline, user, history, len(item_ids) - len(history), history)
+    excluded = ranked[:2]
+    candidates = ranked[1:8] + [item_ids[history[0]], "not-an-item"]
+    body = {"user_id": user_id, "k": 4, "exclude_item_ids": excluded, "candidate_item_ids": candidates}
+    # the offline ranking restricted to the candidates, less the history and the excluded items
+    expected = [i for i in ranked if i in candidates and i not in excluded][:4]
+    for answer in (client.post("/recommend", json=body).json(),
+                   client.post("/recommend/batch", json={"requests": [body, body]}).json()["results"][1]):
+        assert [it["item_id"] for it in answer["items"]] == expected
+        assert answer["unknown_item_ids"] == ["not-an-item"]  # sent in the request: it may come back
+    # exclude_seen false: the candidate from the history may come back, the excluded items still not
+    everything = client.post("/recommend", json={**body, "k": 20, "exclude_seen": False}).json()
+    returned = [it["item_id"] for it in everything["items"]]
+    assert item_ids[history[0]] in returned and not set(excluded) & set(returned)
+    assert set(returned) <= set(candidates)
+
+    # the popularity fallback obeys the same rules
+    popular = [item_ids[i] for i in torch.argsort(torch.as_tensor(offline.popularity, dtype=torch.float32),
+                                                   descending=True, stable=True).tolist()]
+    cold = {"user_id": "rules-visitor", "k": 3, "exclude_item_ids": popular[:1], "candidate_item_ids": popular[:5]}
+    answer = client.post("/recommend", json=cold).json()
+    assert answer["fallback"] == "most_popular"
+    assert [it["item_id"] for it in answer["items"]] == popular[1:4]
+
+
+@pytest.mark.parametrize("field", ["exclude_item_ids", "candidate_item_ids"])
+def test_rule_lists_have_a_limit(client, offline, field):
+    limit = Settings.model_fields["max_rule_items"].default
+    body = {"user_id": offline.checkpoint.user_ids[0], field: ["i1"] * (limit + 1)}
+    response = client.post("/recommend", json=body)
+    assert response.status_code == 422, response.text
+    assert f"at most {limit} items" in response.text
