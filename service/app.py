@@ -32,9 +32,9 @@ from model.config import ConfigError
 from service import metrics
 from service.batcher import Overloaded
 from service.dependencies import Forbidden, Unauthorized
-from service.engine import Engine, ReloadFailed, RequestTimeout, ServedModel, model_device
+from service.engine import Engine, ReloadFailed, RequestTimeout, ServedModel, UnknownItem, model_device
 from service.histories import HistoryStoreUnavailable, open_history_store
-from service.routes import admin, health, histories, interactions, recommend
+from service.routes import admin, health, histories, interactions, items, recommend
 from service.schemas import request_models
 from service.settings import Settings
 
@@ -221,6 +221,10 @@ async def on_reload_failed(request: Request, error: ReloadFailed) -> JSONRespons
     return error_response(400, "reload_failed", error)
 
 
+async def on_unknown_item(request: Request, error: UnknownItem) -> JSONResponse:
+    return error_response(404, "unknown_item", error)
+
+
 async def on_overloaded(request: Request, error: Overloaded) -> JSONResponse:
     return error_response(503, "overloaded", error, retry_after=True)
 
@@ -255,6 +259,7 @@ def create_app(settings: Settings | None = None, model: ServedModel | None = Non
     app.add_exception_handler(Unauthorized, on_unauthorized)
     app.add_exception_handler(Forbidden, on_forbidden)
     app.add_exception_handler(ReloadFailed, on_reload_failed)
+    app.add_exception_handler(UnknownItem, on_unknown_item)
     app.add_exception_handler(Overloaded, on_overloaded)
     app.add_exception_handler(HistoryStoreUnavailable, on_store_unavailable)
     app.add_exception_handler(RequestTimeout, on_timeout)
@@ -263,6 +268,7 @@ def create_app(settings: Settings | None = None, model: ServedModel | None = Non
     app.include_router(recommend.create_router(models))
     app.include_router(interactions.create_router(models))
     app.include_router(histories.create_router(models))
+    app.include_router(items.create_router(models))
     app.include_router(admin.router)
     app.include_router(health.router)
     return app

@@ -40,8 +40,9 @@ from model.prompts import build_recommend_prompt
 from model.config import ConfigError
 from service import metrics
 from service.batcher import Batcher
+from service.catalogue import Catalogue
 from service.histories import HistoryStore, seed_from_checkpoint
-from service.schemas import (ErasureResponse, HistoryResponse, InteractionsResponse, RecommendedItem, RecommendQuery, RecommendResponse,
+from service.schemas import (ErasureResponse, HistoryResponse, InteractionsResponse, ItemResponse, RecommendedItem, RecommendQuery, RecommendResponse,
                              ReloadResponse)
 from service.settings import Settings
 
@@ -50,6 +51,10 @@ log = logging.getLogger(__name__)
 
 class RequestTimeout(RuntimeError):
     """The recommendation was not ready within CLLM4REC_REQUEST_TIMEOUT_S."""
+
+
+class UnknownItem(LookupError):
+    """The item id is not in the served catalogue (404)."""
 
 
 class ReloadFailed(RuntimeError):
@@ -181,6 +186,7 @@ class Engine:
     def __init__(self, model: ServedModel, store: HistoryStore, settings: Settings):
         self.model = model
         self.store = store
+        self.catalogue = Catalogue(store)
         self.settings = settings
         # torch's CPU thread count is a setting of the thread that runs the forward pass, so it is set there.
         threads = settings.resolved_torch_threads()
@@ -285,13 +291,16 @@ class Engine:
         if stored:  # one store round trip for every user whose history is needed
             for i, history in zip(stored, await self.store.get([requests[i].user_id for i in stored])):
                 histories[i] = history
+        item_index = model.recommender.item_index
+        retired = [item_index[i] for i in await self.catalogue.refresh() if i in item_index]
         answers: list[Answer | None] = [None] * len(requests)
         # At most one batch's worth of jobs in the queue per call: a large /recommend/batch fills
         # full forward passes one after another instead of taking the whole queue.
         step = self.settings.max_batch_size
         for start in range(0, len(requests), step):
             chunk = range(start, min(start + step, len(requests)))
-            results = await asyncio.gather(*(self.recommend_one(model, requests[i], histories[i]) for i in chunk),
+            results = await asyncio.gather(*(self.recommend_one(model, requests[i], histories[i], retired)
+                                             for i in chunk),
                                            return_exceptions=True)  # all settle before a failure is raised
             for error in results:
                 if isinstance(error, BaseException):
@@ -304,7 +313,8 @@ class Engine:
         # thread, so probes and other requests are answered meanwhile.
         return await asyncio.to_thread(lambda: [model.response(answer) for answer in answers])
 
-    async def recommend_one(self, model: ServedModel, request: RecommendQuery, history: Sequence[str]) -> Answer:
+    async def recommend_one(self, model: ServedModel, request: RecommendQuery, history: Sequence[str],
+                            retired: Sequence[int] = ()) -> Answer:
         recommender = model.recommender
         item_index = recommender.item_index
         known = [item_index[item_id] for item_id in history if item_id in item_index]
@@ -314,6 +324,7 @@ class Engine:
         # Business rules and the history, as masks on the one pass's scores.
         excluded = set(known) if request.exclude_seen else set()
         excluded.update(item_index[i] for i in request.exclude_item_ids or () if i in item_index)
+        excluded.update(retired)
         excluded = sorted(excluded)
         candidates = None if request.candidate_item_ids is None else \
             sorted({item_index[i] for i in request.candidate_item_ids if i in item_index})
@@ -329,6 +340,19 @@ class Engine:
             recent_unique = list(dict.fromkeys(reversed(known)))[::-1]  # repeats dropped, latest occurrence kept
             items, values = await self.batcher.submit(model.job(user, recent_unique, excluded, request.k, candidates))
         return Answer(request.user_id, items, values, user is None, fallback, unknown)
+
+    async def item(self, item_id: str) -> ItemResponse:
+        """Raises UnknownItem for an id the served model does not have."""
+        index = self.model.recommender.item_index.get(item_id)
+        if index is None:
+            raise UnknownItem(f"no item {item_id!r} in the catalogue of model {self.model.version}")
+        return ItemResponse(item_id=item_id, title=self.model.titles[index], source="checkpoint",
+                            available=item_id not in await self.catalogue.refresh())
+
+    async def set_item_available(self, item_id: str, available: bool) -> ItemResponse:
+        await self.item(item_id)  # refuses unknown ids before anything is stored
+        await self.catalogue.set_available(item_id, available)
+        return await self.item(item_id)
 
     async def history(self, user_id: str) -> HistoryResponse:
         return HistoryResponse(user_id=user_id, item_ids=(await self.store.get([user_id]))[0])

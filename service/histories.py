@@ -118,7 +118,7 @@ class RedisHistoryStore:
     def history_key(self, user_id: str) -> str:
         return f"{self.prefix}{HISTORY_KEY}{user_id}"
 
-    async def _call(self, operation: str, call: Callable[[], Awaitable[T]], timeout_s: float | None = None) -> T:
+    async def call(self, operation: str, call: Callable[[], Awaitable[T]], timeout_s: float | None = None) -> T:
         started = time.perf_counter()
         try:
             # The socket timeouts bound each read and connect; this bounds the whole call.
@@ -131,14 +131,14 @@ class RedisHistoryStore:
 
     async def get(self, user_ids: Sequence[str]) -> list[list[str]]:
         if len(user_ids) == 1:
-            return [await self._call("get", lambda: self.redis.lrange(self.history_key(user_ids[0]), 0, -1))]
+            return [await self.call("get", lambda: self.redis.lrange(self.history_key(user_ids[0]), 0, -1))]
 
         async def get_many():
             pipe = self.redis.pipeline(transaction=False)
             for user_id in user_ids:
                 pipe.lrange(self.history_key(user_id), 0, -1)
             return await pipe.execute()
-        return await self._call("get_many", get_many)
+        return await self.call("get_many", get_many)
 
     async def append(self, user_id: str, item_ids: Sequence[str]) -> int:
         key = self.history_key(user_id)
@@ -151,7 +151,7 @@ class RedisHistoryStore:
                 pipe.expire(key, self.ttl_s)
             length = (await pipe.execute())[0]
             return min(length, self.max_length)
-        return await self._call("append", push_and_trim)
+        return await self.call("append", push_and_trim)
 
     async def erase(self, user_id: str) -> bool:
         async def delete_and_remember():
@@ -160,7 +160,7 @@ class RedisHistoryStore:
             pipe.sadd(self.prefix + ERASED_KEY, user_id)
             deleted, _ = await pipe.execute()
             return bool(deleted)
-        return await self._call("erase", delete_and_remember)
+        return await self.call("erase", delete_and_remember)
 
     async def seed(self, histories: Iterable[tuple[str, Sequence[str]]], version: str) -> int:
         written = 0
@@ -180,18 +180,18 @@ class RedisHistoryStore:
             if len(item_ids):
                 chunk.append((user_id, item_ids))
             if len(chunk) == SEED_CHUNK_USERS:
-                written += await self._call("seed", flush, SEED_TIMEOUT_S)
+                written += await self.call("seed", flush, SEED_TIMEOUT_S)
                 chunk = []
         if chunk:
-            written += await self._call("seed", flush, SEED_TIMEOUT_S)
-        await self._call("seed", lambda: self.redis.set(self.prefix + SEEDED_KEY + version, "1"))
+            written += await self.call("seed", flush, SEED_TIMEOUT_S)
+        await self.call("seed", lambda: self.redis.set(self.prefix + SEEDED_KEY + version, "1"))
         return written
 
     async def is_seeded(self, version: str) -> bool:
-        return bool(await self._call("is_seeded", lambda: self.redis.exists(self.prefix + SEEDED_KEY + version)))
+        return bool(await self.call("is_seeded", lambda: self.redis.exists(self.prefix + SEEDED_KEY + version)))
 
     async def ping(self) -> None:
-        await self._call("ping", self.redis.ping)
+        await self.call("ping", self.redis.ping)
 
     async def close(self) -> None:
         await self.redis.aclose()

@@ -59,6 +59,7 @@ class RequestModels:
     """The request bodies and parameter types of one app, limited by its settings."""
 
     user_id_path: Any  # the user id as a URL path segment
+    item_id_path: Any  # an item id as a URL path segment
     k: Any
     recommend: type[BaseModel]
     batch: type[BaseModel]
@@ -108,7 +109,8 @@ def request_models(settings: "Settings") -> RequestModels:
         item_ids: list[ItemId] = Field(min_length=1, max_length=settings.max_history_items,
                                        description="items the user interacted with, oldest first")
 
-    return RequestModels(user_id_path=id_type(PATH_ID_PATTERN, "u42"), k=K, recommend=RecommendRequest,
+    return RequestModels(user_id_path=id_type(PATH_ID_PATTERN, "u42"), item_id_path=id_type(PATH_ID_PATTERN, "i7"),
+                         k=K, recommend=RecommendRequest,
                          batch=BatchRecommendRequest, interactions=InteractionsRequest)
 
 
@@ -173,6 +175,22 @@ class ErasureResponse(BaseModel):
                          "stored now, and seeding will not write the user's training history back")
 
 
+class ItemResponse(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"item_id": "i17", "title": "premium tripod", "source": "checkpoint", "available": True}]})
+
+    item_id: str
+    title: str | None = Field(description="the item's title from the training data, if it had one")
+    source: Literal["checkpoint"] = Field(description="where the item comes from: the served checkpoint")
+    available: bool = Field(description="false once retired: it is left out of every recommendation")
+
+
+class ItemAvailability(Strict):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"available": False}]})
+
+    available: bool = Field(description="false retires the item (out of every recommendation), true restores it")
+
+
 class Health(BaseModel):
     status: Literal["ok"] = "ok"
 
@@ -228,5 +246,6 @@ BODY_UNREADABLE = {400: error("the body could not be parsed at all (not UTF-8, o
 STORE_UNAVAILABLE = {503: error("the history store (Redis) is unreachable, or the request queue is full "
                                 "(then with Retry-After)")}
 RECOMMEND_ERRORS = {**STORE_UNAVAILABLE, 504: error("no answer within CLLM4REC_REQUEST_TIMEOUT_S")}
+UNKNOWN_ITEM = {404: error("the item id is not in the served catalogue")}
 RELOAD_FAILED = {400: error("the checkpoint could not be loaded or warmed up, and the previous model keeps "
                             "serving; or the body could not be parsed at all")}

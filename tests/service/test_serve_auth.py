@@ -27,12 +27,12 @@ def user_id(offline) -> str:
 def reads(user_id: str) -> list[tuple[str, str, dict | None]]:
     return [("post", "/recommend", {"user_id": user_id, "k": 3}), ("get", f"/recommend/{user_id}?k=3", None),
             ("post", "/recommend/batch", {"requests": [{"user_id": user_id, "k": 3}]}),
-            ("get", f"/users/{user_id}/history", None)]
+            ("get", f"/users/{user_id}/history", None), ("get", "/items/i1", None)]
 
 
 def writes(user_id: str) -> list[tuple[str, str, dict | None]]:
     return [("post", "/interactions", {"user_id": user_id, "item_ids": ["i1"]}),
-            ("delete", "/users/someone-else/history", None)]
+            ("delete", "/users/someone-else/history", None), ("patch", "/items/i1", {"available": True})]
 
 
 # A reload with a path that does not exist: authorised, it is a 400 that leaves the model alone.

@@ -1,0 +1,40 @@
+"""GET, PATCH and DELETE /items/{item_id}: an item of the catalogue, and retiring it."""
+
+# No `from __future__ import annotations`: the path parameter type is this app's own (schemas.request_models).
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Path
+
+from service.dependencies import get_engine, require_read_key, require_write_key
+from service.engine import Engine
+from service.schemas import (BODY_TOO_LARGE, STORE_UNAVAILABLE, UNAUTHORIZED, UNKNOWN_ITEM, ItemAvailability,
+                             ItemResponse, RequestModels)
+
+EngineDep = Annotated[Engine, Depends(get_engine)]
+
+
+def create_router(models: RequestModels) -> APIRouter:
+    router = APIRouter(tags=["catalogue"], responses={**UNAUTHORIZED, **UNKNOWN_ITEM})
+    ItemId = Annotated[models.item_id_path, Path()]
+
+    @router.get("/items/{item_id}", summary="An item of the catalogue", dependencies=[Depends(require_read_key)])
+    async def get_item(item_id: ItemId, engine: EngineDep) -> ItemResponse:
+        return await engine.item(item_id)
+
+    @router.patch("/items/{item_id}", summary="Retire or restore an item", responses={**STORE_UNAVAILABLE,
+                                                                                     **BODY_TOO_LARGE},
+                  dependencies=[Depends(require_write_key)])
+    async def patch_item(item_id: ItemId, body: ItemAvailability, engine: EngineDep) -> ItemResponse:
+        """`{"available": false}` leaves the item out of every recommendation (single, batch, the
+        fallback) from the next request on, on every replica sharing the Redis; `true` restores it."""
+        return await engine.set_item_available(item_id, body.available)
+
+    @router.delete("/items/{item_id}", summary="Retire an item", responses=STORE_UNAVAILABLE,
+                   dependencies=[Depends(require_write_key)])
+    async def retire_item(item_id: ItemId, engine: EngineDep) -> ItemResponse:
+        """The same as PATCH with `{"available": false}`: the model keeps the item's token (a
+        restore brings it back as it was); it is no longer recommended."""
+        return await engine.set_item_available(item_id, False)
+
+    return router

@@ -1,0 +1,66 @@
+"""The live catalogue over HTTP with the real Redis: a retired item never comes back (single, batch,
+fallback), on every server sharing the Redis, until it is restored; unknown items are a 404."""
+
+from __future__ import annotations
+
+import torch
+
+from serving_helpers import REDIS_URL, metric_value, offline_ranking, running_server, server_settings
+
+
+def ids(answer: dict) -> list[str]:
+    return [it["item_id"] for it in answer["items"]]
+
+
+def test_a_retired_item_is_never_recommended_by_any_replica(tiny_checkpoint, offline, redis_prefix):
+    settings = server_settings(tiny_checkpoint, redis_url=REDIS_URL, redis_key_prefix=redis_prefix)
+    user = 3
+    user_id = offline.checkpoint.user_ids[user]
+    history = offline.checkpoint.split.train[user].tolist()
+    top, _ = offline_ranking(offline, user, history, 5, history)
+    popular = [offline.checkpoint.item_ids[i] for i in torch.argsort(
+        torch.as_tensor(offline.popularity, dtype=torch.float32), descending=True, stable=True).tolist()]
+    with running_server(settings) as one, running_server(settings) as other, \
+            one.client() as a, other.client() as b:
+        assert a.get(f"/items/{top[0]}").json() == {"item_id": top[0], "title": offline.checkpoint.item_titles[
+            offline.item_index[top[0]]] or None, "source": "checkpoint", "available": True}
+        retired = a.delete(f"/items/{top[0]}")
+        assert retired.status_code == 200 and retired.json()["available"] is False
+        assert a.patch(f"/items/{popular[0]}", json={"available": False}).json()["available"] is False
+
+        gone = {top[0], popular[0]}
+        ranked = offline_ranking(offline, user, history, 20, history)[0]
+        for client in (a, b):  # the other replica too, from its next request on
+            assert ids(client.post("/recommend", json={"user_id": user_id, "k": 5}).json()) == \
+                [i for i in ranked if i not in gone][:5]
+            batch = client.post("/recommend/batch", json={"requests": [{"user_id": user_id, "k": 20}] * 2}).json()
+            assert all(top[0] not in ids(answer) for answer in batch["results"])
+            fallback = client.post("/recommend", json={"user_id": "catalogue-visitor", "k": 3}).json()
+            assert fallback["fallback"] == "most_popular" and ids(fallback) == [i for i in popular if i not in gone][:3]
+            candidates = client.post("/recommend", json={"user_id": user_id, "candidate_item_ids": top[:2]}).json()
+            assert ids(candidates) == top[1:2]
+            assert client.get(f"/items/{top[0]}").json()["available"] is False
+        assert metric_value(b.get("/metrics").text, "cllm4rec_retired_items") == 2
+
+        restored = b.patch(f"/items/{top[0]}", json={"available": True})
+        assert restored.json()["available"] is True
+        for client in (a, b):
+            assert ids(client.post("/recommend", json={"user_id": user_id, "k": 5}).json()) == top
+
+
+def test_unknown_items_are_a_404_and_nothing_is_stored(tiny_checkpoint, redis_prefix, redis_client):
+    settings = server_settings(tiny_checkpoint, redis_url=REDIS_URL, redis_key_prefix=redis_prefix)
+    with running_server(settings) as server, server.client() as client:
+        for response in (client.get("/items/no-such-item"), client.delete("/items/no-such-item"),
+                         client.patch("/items/no-such-item", json={"available": False})):
+            assert response.status_code == 404 and "no-such-item" in response.json()["detail"]
+        assert client.patch("/items/i1", json={"available": "maybe"}).status_code == 422
+    assert not redis_client.exists(f"{redis_prefix}catalogue:retired")
+
+
+def test_retiring_works_without_redis_too(tiny_checkpoint, offline):
+    user_id = offline.checkpoint.user_ids[0]
+    with running_server(server_settings(tiny_checkpoint)) as server, server.client() as client:
+        first = ids(client.post("/recommend", json={"user_id": user_id, "k": 3}).json())[0]
+        client.delete(f"/items/{first}")
+        assert first not in ids(client.post("/recommend", json={"user_id": user_id, "k": 20}).json())
