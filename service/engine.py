@@ -349,6 +349,19 @@ class Engine:
         return ItemResponse(item_id=item_id, title=self.model.titles[index], source="checkpoint",
                             available=item_id not in await self.catalogue.refresh())
 
+    async def similar_items(self, item_id: str, k: int) -> RecommendResponse:
+        """The items most likely after this one: one forward pass of the trainer's history-only prompt
+        with this item alone (`a user has interacted with <item>, the user will interact with`), the
+        same head as /recommend; the item itself and retired items left out."""
+        model = self.model
+        index = model.recommender.item_index.get(item_id)
+        if index is None:
+            raise UnknownItem(f"no item {item_id!r} in the catalogue of model {model.version}")
+        item_index = model.recommender.item_index
+        excluded = sorted({index, *(item_index[i] for i in await self.catalogue.refresh() if i in item_index)})
+        items, scores = await self.batcher.submit(model.job(None, [index], excluded, k))
+        return model.response(Answer(item_id, items, scores, cold_start=True, fallback=None, unknown_item_ids=[]))
+
     async def set_item_available(self, item_id: str, available: bool) -> ItemResponse:
         await self.item(item_id)  # refuses unknown ids before anything is stored
         await self.catalogue.set_available(item_id, available)

@@ -1,15 +1,16 @@
-"""GET, PATCH and DELETE /items/{item_id}: an item of the catalogue, and retiring it."""
+"""GET, PATCH and DELETE /items/{item_id}: an item of the catalogue, and retiring it;
+GET /items/{item_id}/similar: the items most likely after it."""
 
 # No `from __future__ import annotations`: the path parameter type is this app's own (schemas.request_models).
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path
+from fastapi import APIRouter, Depends, Path, Query
 
 from service.dependencies import get_engine, require_read_key, require_write_key
 from service.engine import Engine
-from service.schemas import (BODY_TOO_LARGE, STORE_UNAVAILABLE, UNAUTHORIZED, UNKNOWN_ITEM, ItemAvailability,
-                             ItemResponse, RequestModels)
+from service.schemas import (BODY_TOO_LARGE, DEFAULT_K, RECOMMEND_ERRORS, STORE_UNAVAILABLE, UNAUTHORIZED,
+                             UNKNOWN_ITEM, ItemAvailability, ItemResponse, RecommendResponse, RequestModels)
 
 EngineDep = Annotated[Engine, Depends(get_engine)]
 
@@ -21,6 +22,15 @@ def create_router(models: RequestModels) -> APIRouter:
     @router.get("/items/{item_id}", summary="An item of the catalogue", dependencies=[Depends(require_read_key)])
     async def get_item(item_id: ItemId, engine: EngineDep) -> ItemResponse:
         return await engine.item(item_id)
+
+    @router.get("/items/{item_id}/similar", summary="Items most likely after this one", responses=RECOMMEND_ERRORS,
+                dependencies=[Depends(require_read_key)])
+    async def similar(item_id: ItemId, engine: EngineDep,
+                      k: Annotated[models.k, Query()] = DEFAULT_K) -> RecommendResponse:
+        """One forward pass of the trainer's history-only prompt holding this item alone, scored by the
+        same item head as /recommend; the item itself and retired items are left out. `user_id` in
+        the answer is the item's id."""
+        return await engine.similar_items(item_id, k)
 
     @router.patch("/items/{item_id}", summary="Retire or restore an item", responses={**STORE_UNAVAILABLE,
                                                                                      **BODY_TOO_LARGE},

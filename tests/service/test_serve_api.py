@@ -207,7 +207,7 @@ def test_openapi_schema_is_complete(client):
                 ("/recommend/{user_id}", "get"), ("/recommend/batch", "post"), ("/interactions", "post"),
                 ("/admin/reload", "post"), ("/users/{user_id}/history", "get"),
                 ("/users/{user_id}/history", "delete"), ("/items/{item_id}", "get"), ("/items/{item_id}", "patch"),
-                ("/items/{item_id}", "delete")}
+                ("/items/{item_id}", "delete"), ("/items/{item_id}/similar", "get")}
     assert {(p, m) for p, ops in paths.items() for m in ops} == expected
     components = schema["components"]["schemas"]
     for name in ("RecommendRequest", "RecommendResponse", "BatchRecommendRequest", "InteractionsRequest",

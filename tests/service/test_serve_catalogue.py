@@ -1,5 +1,6 @@
 """The live catalogue over HTTP with the real Redis: a retired item never comes back (single, batch,
-fallback), on every server sharing the Redis, until it is restored; unknown items are a 404."""
+fallback, similar items), on every server sharing the Redis, until it is restored; similar items are
+the offline scorer's answer to a one-item prompt; unknown items are a 404."""
 
 from __future__ import annotations
 
@@ -40,6 +41,8 @@ def test_a_retired_item_is_never_recommended_by_any_replica(tiny_checkpoint, off
             candidates = client.post("/recommend", json={"user_id": user_id, "candidate_item_ids": top[:2]}).json()
             assert ids(candidates) == top[1:2]
             assert client.get(f"/items/{top[0]}").json()["available"] is False
+            similar = client.get(f"/items/{offline.checkpoint.item_ids[history[0]]}/similar", params={"k": 30})
+            assert top[0] not in ids(similar.json())
         assert metric_value(b.get("/metrics").text, "cllm4rec_retired_items") == 2
 
         restored = b.patch(f"/items/{top[0]}", json={"available": True})
@@ -64,3 +67,17 @@ def test_retiring_works_without_redis_too(tiny_checkpoint, offline):
         first = ids(client.post("/recommend", json={"user_id": user_id, "k": 3}).json())[0]
         client.delete(f"/items/{first}")
         assert first not in ids(client.post("/recommend", json={"user_id": user_id, "k": 20}).json())
+
+
+def test_similar_items_are_the_one_item_prompt_of_the_trainer(tiny_checkpoint, offline):
+    item = 5
+    item_id = offline.checkpoint.item_ids[item]
+    with running_server(server_settings(tiny_checkpoint)) as server, server.client() as client:
+        response = client.get(f"/items/{item_id}/similar", params={"k": 4})
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        expected_ids, expected_scores = offline_ranking(offline, None, [item], 4, [item])
+        assert ids(answer) == expected_ids and [it["score"] for it in answer["items"]] == expected_scores
+        assert item_id not in ids(answer) and answer["user_id"] == item_id
+        assert client.get("/items/no-such-item/similar").status_code == 404
+        assert client.get(f"/items/{item_id}/similar", params={"k": 0}).status_code == 422
