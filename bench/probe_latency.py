@@ -78,7 +78,7 @@ async def probe_for(url: str, seconds: float) -> list[float]:
 
 def measure(url: str, users: list[str], args) -> dict:
     rng = random.Random(0)
-    body = {"requests": [{"user_id": rng.choice(users), "k": 1000} for _ in range(args.users)]}
+    body = {"requests": [{"user_id": rng.choice(users), "k": args.k} for _ in range(args.users)]}
     at_rest = asyncio.run(probe_for(url, 5))
     # The flood from a process of its own: its clients' work must not delay the probe's own loop.
     answered = multiprocessing.Value("i", 0)
@@ -97,6 +97,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--users", type=int, default=32, help="users per batch request")
+    parser.add_argument("-k", type=int, default=1000, help="items per user")
     parser.add_argument("--seconds", type=float, default=30)
     parser.add_argument("--threads", type=int, default=2, help="CLLM4REC_TORCH_THREADS of the server")
     args = parser.parse_args()
