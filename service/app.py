@@ -4,10 +4,11 @@ Start-up, before the first request is accepted:
   1. load the checkpoint (CUDA with bfloat16 compute when available, else CPU float32), unless the
      caller loaded it already (`cllm4rec serve` does, so a bad checkpoint is one line before
      anything listens)
-  2. open the history store (Redis, or in-process when no URL is set); seed it with the
-     checkpoint's training histories unless this checkpoint already did (a background task retries
-     while Redis is down and re-seeds a Redis that lost its data)
-  3. start the batcher and score one warm-up request: from then on /readyz can answer 200
+  2. open the history store (Redis, or in-process when no URL is set); merge the checkpoint's
+     training histories in unless this model version already did (a background task retries while
+     Redis is down and re-seeds a Redis that lost its data)
+  3. start the batcher and score one warm-up request: from then on /readyz answers 200 while the
+     batcher runs (a dead batcher calls app.state.on_fatal: `cllm4rec serve` then exits 1)
 Shutdown: begin_shutdown (called by `cllm4rec serve` on SIGTERM) turns /readyz to 503 at once;
 uvicorn stops accepting and lets in-flight requests finish; then the batcher and store close.
 
