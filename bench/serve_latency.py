@@ -14,6 +14,14 @@
 4. An autoregressive baseline with the same model: the same K items generated one at a time
    (greedy, KV cache, the item head at every step, seen and generated items masked), the way an LLM
    recommender that decodes item tokens would; its latency as a ratio to the one-pass forward.
+5. The floor: the prompts' FLOPs (2 x the backbone layers' weights per prompt token, plus the item
+   head's 2 x width x items once) divided by the matrix-multiply FLOP/s this run measures on this
+   machine (a float32 matmul, best of several), plus reading the item table once at the copy
+   bandwidth it measures: what one request cannot go below.
+
+--json prints one JSON object instead of the tables (floor_ms, forward_p50_ms, http by concurrency,
+overhead_ratio, floor_ratio, autoregressive_ratio, device, precision, ...).
+
 The server and this client share the machine's CPUs: run it with nothing else busy (docs/benchmarks.md).
 """
 
@@ -25,6 +33,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the server does (servi
 
 import argparse  # noqa: E402  (the imports below come after the environment is set)
 import asyncio
+import json
 import inspect
 import platform
 import signal
@@ -46,6 +55,47 @@ from service.settings import Settings
 from serve_process import start_serve
 
 MS = 1000.0
+
+
+# --- the floor -------------------------------------------------------------------------------------
+
+def peak_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 1024, repeats: int = 5) -> float:
+    """FLOP/s of the best of `repeats` size^3 matrix products on this device, in this dtype."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first is a warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - started)
+    return 2 * size**3 / best
+
+
+def copy_bandwidth(device: torch.device, megabytes: int = 256, repeats: int = 3) -> float:
+    """Bytes/s read and written by a clone of a large tensor (best of `repeats`)."""
+    source = torch.empty(megabytes * 2**20 // 4, dtype=torch.float32, device=device).fill_(1.0)
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        source.clone()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - started)
+    return 2 * source.numel() * 4 / best
+
+
+def floor_ms(recommender: Recommender, prompt_tokens: float, flops_per_s: float, bytes_per_s: float) -> tuple:
+    """(floor in ms, FLOPs of one prompt): the backbone layers' matrix work per token and the item head once."""
+    model = recommender.model
+    layer_weights = sum(p.numel() for layer in model.backbone.base_model.layers for p in layer.parameters())
+    table = model.collab_items.weight
+    flops = 2 * layer_weights * prompt_tokens + 2 * table.numel()
+    seconds = flops / flops_per_s + table.numel() * table.element_size() / bytes_per_s
+    return seconds * MS, flops
 
 
 # --- the server ------------------------------------------------------------------------------------
@@ -137,7 +187,9 @@ def main() -> None:
     parser.add_argument("--max-wait-ms", type=float, default=2.0)
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--quick", action="store_true", help="a few requests at concurrency 1 and 8: checks it runs")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
     args = parser.parse_args()
+    out = (lambda *a, **k: None) if args.json else print
     if args.quick:
         args.concurrency, args.requests, args.ar_users = [1, 8], 16, 4
     torch.set_num_threads(args.threads)
@@ -155,10 +207,10 @@ def main() -> None:
     jobs = [served.job(u, h, h, args.k) for u, h in zip(chosen, histories)]
     prompts = [job.prompt for job in jobs]
     bodies = [{"user_id": recommender.checkpoint.user_ids[u], "k": args.k} for u in chosen]
-    print(f"{platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start, "
+    out(f"{platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start, "
           f"torch {torch.__version__}, {args.threads} threads; model on {recommender.device} "
           f"({recommender.model.collab_items.weight.dtype})")
-    print(f"checkpoint {args.checkpoint}: {meta['backbone']['name']} with {meta['backbone']['layers']} layers, "
+    out(f"checkpoint {args.checkpoint}: {meta['backbone']['name']} with {meta['backbone']['layers']} layers, "
           f"{meta['n_users']} users, {meta['n_items']} items; prompts {np.mean([len(p) for p in prompts]):.1f} tokens "
           f"on average; k={args.k}; server max batch {args.max_batch_size}, max wait {args.max_wait_ms:g} ms")
 
@@ -187,42 +239,68 @@ def main() -> None:
             for start in range(0, len(keys), 1000):
                 store.delete(*keys[start : start + 1000])
 
-    print("\nover HTTP (POST /recommend, history from Redis, micro-batched):")
-    print(f"{'concurrency':>11} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'req/s':>8} {'mean batch':>11}")
+    out("\nover HTTP (POST /recommend, history from Redis, micro-batched):")
+    out(f"{'concurrency':>11} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'req/s':>8} {'mean batch':>11}")
     for concurrency, p50, p95, p99, rps, mean_batch in rows:
-        print(f"{concurrency:>11} {p50:>8.1f} {p95:>8.1f} {p99:>8.1f} {rps:>8.1f} {mean_batch:>11.1f}")
+        out(f"{concurrency:>11} {p50:>8.1f} {p95:>8.1f} {p99:>8.1f} {rps:>8.1f} {mean_batch:>11.1f}")
 
-    print("\nbare forward in this process (the same prompts; the server's scoring: forward pass, mask, top-k):")
-    print(f"{'batch':>11} {'p50 ms':>8} {'prompts/s':>10}")
+    out("\nbare forward in this process (the same prompts; the server's scoring: forward pass, mask, top-k):")
+    out(f"{'batch':>11} {'p50 ms':>8} {'prompts/s':>10}")
     bare = {}
     bare_forward(served, jobs[:4], 1)  # warm-up
     for batch_size in sorted({1} | {c for c in args.concurrency if c > 1}):
         latencies, total = bare_forward(served, jobs, batch_size)
         bare[batch_size] = (percentiles(latencies)[0], len(jobs) / total)
-        print(f"{batch_size:>11} {bare[batch_size][0]:>8.1f} {bare[batch_size][1]:>10.1f}")
+        out(f"{batch_size:>11} {bare[batch_size][0]:>8.1f} {bare[batch_size][1]:>10.1f}")
 
     n_ar = min(args.ar_users, len(prompts))
-    generate_items(recommender, jobs[0].prompt, jobs[0].seen, args.k)  # warm-up
+    generate_items(recommender, jobs[0].prompt, jobs[0].excluded, args.k)  # warm-up
     ar_latencies, agree = [], 0
     for job in jobs[:n_ar]:
         started = time.perf_counter()
-        items = generate_items(recommender, job.prompt, job.seen, args.k)
+        items = generate_items(recommender, job.prompt, job.excluded, args.k)
         ar_latencies.append(time.perf_counter() - started)
         agree += items[0] == served.score([job])[0][0][0]
     ar_p50 = percentiles(ar_latencies)[0]
-    print(f"\nautoregressive, the same {args.k} items one token at a time (greedy, KV cache), {n_ar} users: "
+    out(f"\nautoregressive, the same {args.k} items one token at a time (greedy, KV cache), {n_ar} users: "
           f"p50 {ar_p50:.1f} ms per user ({agree}/{n_ar} first items equal the one-pass top-1)")
 
-    print("\nratios:")
+    out("\nratios:")
     http = {row[0]: row for row in rows}
     if 1 in http:
-        print(f"  HTTP p50 at concurrency 1 / bare forward p50 at batch 1: {http[1][1] / bare[1][0]:.2f}x "
+        out(f"  HTTP p50 at concurrency 1 / bare forward p50 at batch 1: {http[1][1] / bare[1][0]:.2f}x "
               f"({http[1][1]:.1f} ms vs {bare[1][0]:.1f} ms)")
     for concurrency in (c for c in args.concurrency if c > 1):
-        print(f"  bare forward prompts/s at batch {concurrency} / HTTP req/s at concurrency {concurrency}: "
+        out(f"  bare forward prompts/s at batch {concurrency} / HTTP req/s at concurrency {concurrency}: "
               f"{bare[concurrency][1] / http[concurrency][4]:.2f}x")
-    print(f"  autoregressive p50 / one-pass forward p50 (batch 1): {ar_p50 / bare[1][0]:.1f}x")
-    print(f"load average at the end: {os.getloadavg()[0]:.2f}")
+    out(f"  autoregressive p50 / one-pass forward p50 (batch 1): {ar_p50 / bare[1][0]:.1f}x")
+    out(f"load average at the end: {os.getloadavg()[0]:.2f}")
+
+    device = recommender.model.collab_items.weight.device
+    compute_dtype = torch.bfloat16 if device.type == "cuda" and recommender.model.collab_items.weight.dtype == \
+        torch.float32 else recommender.model.collab_items.weight.dtype
+    mean_tokens = float(np.mean([len(p) for p in prompts]))
+    floor, prompt_flops = floor_ms(recommender, mean_tokens, peak_matmul_flops(device, compute_dtype),
+                                   copy_bandwidth(device))
+    result = {
+        "device": str(device), "precision": str(compute_dtype).removeprefix("torch."), "threads": args.threads,
+        "backbone_layers": meta["backbone"]["layers"], "n_items": meta["n_items"], "k": args.k,
+        "mean_prompt_tokens": round(mean_tokens, 1), "prompt_flops": prompt_flops, "floor_ms": round(floor, 3),
+        "forward_p50_ms": round(bare[1][0], 3),
+        "http": {str(c): {"p50_ms": round(p50, 2), "p95_ms": round(p95, 2), "p99_ms": round(p99, 2),
+                          "rps": round(rps, 1), "mean_batch": round(mean_batch, 1)}
+                 for c, p50, p95, p99, rps, mean_batch in rows},
+        "overhead_ratio": round(http[1][1] / bare[1][0], 3) if 1 in http else None,
+        "floor_ratio": round(http[1][1] / floor, 2) if 1 in http else None,
+        "forward_floor_ratio": round(bare[1][0] / floor, 2),
+        "autoregressive_ratio": round(ar_p50 / bare[1][0], 2),
+        "load_average_end": round(os.getloadavg()[0], 2),
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"floor {floor:.2f} ms per request ({prompt_flops / 1e9:.3f} GFLOP at the measured peak); "
+              f"HTTP p50 at concurrency 1 / floor: {result['floor_ratio']}x")
 
 
 if __name__ == "__main__":
