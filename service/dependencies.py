@@ -25,7 +25,8 @@ from service.engine import Engine
 # auto_error=False: a missing or malformed header reaches the check below, which answers 401 with
 # its own message (FastAPI's default would be a bare 403).
 bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer KEY` (CLLM4REC_API_KEY or the scope's key)")
-api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="`X-API-Key: KEY` (CLLM4REC_API_KEY or the scope's key)")
+api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False,
+                              description="`X-API-Key: KEY` (CLLM4REC_API_KEY or the scope's key)")
 
 
 class Unauthorized(Exception):

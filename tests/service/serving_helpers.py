@@ -178,7 +178,8 @@ class OwnRedis:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        persistence = ["--appendonly", "yes", "--appendfsync", self.fsync] if self.persistent else ["--appendonly", "no"]
+        persistence = (["--appendonly", "yes", "--appendfsync", self.fsync] if self.persistent
+                       else ["--appendonly", "no"])
         self.process = subprocess.Popen(
             [shutil.which("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              *persistence, "--dir", str(self.directory)], stdout=subprocess.DEVNULL)
