@@ -134,6 +134,17 @@ class CLLM4Rec(nn.Module):
         self.head_projection = nn.Parameter(torch.eye(hidden))
         self.input_gradients = True  # train the soft tokens through the backbone too (the paper); see embed()
 
+    @torch.no_grad()
+    def add_items(self, vectors: torch.Tensor, bias: float) -> None:
+        """Grow the item vocabulary by len(vectors) items (both views start at `vectors`, bias `bias`):
+        the tied head scores them from the next forward pass on, without retraining."""
+        vectors = vectors.to(self.collab_items.weight)
+        for table in (self.collab_items, self.content_items):
+            table.weight = nn.Parameter(torch.cat([table.weight, vectors.to(table.weight)]))
+            table.num_embeddings = table.weight.shape[0]
+        self.item_bias = nn.Parameter(torch.cat([self.item_bias, self.item_bias.new_full((len(vectors),), bias)]))
+        self.n_items += len(vectors)
+
     def tables(self, view: str) -> tuple[nn.Embedding, nn.Embedding]:
         return (self.collab_users, self.collab_items) if view == COLLAB else (self.content_users, self.content_items)
 

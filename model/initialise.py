@@ -78,20 +78,23 @@ def to_embedding_space(factors: torch.Tensor, scale: torch.Tensor, directions: t
     return (factors / scale * spread) @ directions.T
 
 
+def text_vector(words: torch.Tensor, tokenizer, text: str) -> torch.Tensor | None:
+    """The mean word embedding [H] of the text's first TITLE_TOKENS tokens; None for a text without any.
+    Training starts items here (text_vectors); the server places items added live here too."""
+    ids = tokenizer(text or "", add_special_tokens=False, truncation=True, max_length=TITLE_TOKENS)["input_ids"]
+    return words[torch.as_tensor(ids, device=words.device)].mean(0) if ids else None
+
+
 def text_vectors(model: CLLM4Rec, tokenizer, dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
     """([J, H] mean word embedding of each item's title, [J] bool: the item has text)."""
     words = model.backbone.get_input_embeddings().weight.detach().float().cpu()
     texts = [title or text for title, text in zip(dataset.item_titles, dataset.item_texts)]
     vectors = words.mean(0).expand(len(texts), -1).clone()
     has_text = torch.zeros(len(texts), dtype=torch.bool)
-    described = [i for i, text in enumerate(texts) if text]
-    if described:
-        token_ids = tokenizer([texts[i] for i in described], add_special_tokens=False, truncation=True,
-                              max_length=TITLE_TOKENS)["input_ids"]
-        for item, ids in zip(described, token_ids):
-            if ids:
-                vectors[item] = words[torch.as_tensor(ids, device=words.device)].mean(0)
-                has_text[item] = True
+    for item, text in enumerate(texts):
+        vector = text_vector(words, tokenizer, text)
+        if vector is not None:
+            vectors[item], has_text[item] = vector, True
     return vectors, has_text
 
 

@@ -33,7 +33,8 @@ from model.config import ConfigError
 from service import metrics
 from service.batcher import Overloaded
 from service.dependencies import Forbidden, Unauthorized
-from service.engine import Engine, ReloadFailed, RequestTimeout, ServedModel, UnknownItem, model_device
+from service.engine import (Engine, ItemExists, ReloadFailed, RequestTimeout, ServedModel, UnknownItem,
+                            model_device)
 from service.histories import HistoryStoreUnavailable, open_history_store
 from service.routes import admin, health, histories, interactions, items, recommend
 from service.schemas import request_models
@@ -226,6 +227,10 @@ async def on_unknown_item(request: Request, error: UnknownItem) -> JSONResponse:
     return error_response(404, "unknown_item", error)
 
 
+async def on_item_exists(request: Request, error: ItemExists) -> JSONResponse:
+    return error_response(409, "item_exists", error)
+
+
 async def on_overloaded(request: Request, error: Overloaded) -> JSONResponse:
     return error_response(503, "overloaded", error, retry_after=True)
 
@@ -261,6 +266,7 @@ def create_app(settings: Settings | None = None, model: ServedModel | None = Non
     app.add_exception_handler(Forbidden, on_forbidden)
     app.add_exception_handler(ReloadFailed, on_reload_failed)
     app.add_exception_handler(UnknownItem, on_unknown_item)
+    app.add_exception_handler(ItemExists, on_item_exists)
     app.add_exception_handler(Overloaded, on_overloaded)
     app.add_exception_handler(HistoryStoreUnavailable, on_store_unavailable)
     app.add_exception_handler(RequestTimeout, on_timeout)

@@ -1,48 +1,99 @@
-"""The live catalogue: which of the checkpoint's items may be recommended right now.
+"""The live catalogue: items added from their text while serving, and items retired.
 
-An item retired (DELETE /items/{item_id}, or PATCH with "available": false) is left out of every
-recommendation from the next request on, on every replica: the retired ids live in the history
-store's Redis (or in the process, without Redis), with a version number that each change
-increments. A replica reads the version before each recommendation (one GET) and re-reads the set
-only when it changed.
+An item added (POST /items) gets a token placed by its text with the function training uses to
+start items from their titles (model.initialise.text_vector), so the tied head scores it from the
+next request on, without retraining. An item retired (DELETE /items/{item_id}, or PATCH with
+"available": false) is left out of every recommendation from the next request on. Both hold on every
+replica: the live items and the retired ids live in the history store's Redis (or in the process,
+without Redis), with a version number that each change increments. A replica reads the version
+before each recommendation (one GET) and re-reads the rest only when it changed.
 
 Redis keys (PREFIX is CLLM4REC_REDIS_KEY_PREFIX, as in service/histories.py):
 
-    PREFIX catalogue:retired   set of retired item ids
-    PREFIX catalogue:version   incremented (INCR) with every change of the set
+    PREFIX catalogue:live      hash: item id -> JSON {"title", "description"} of each item added live
+    PREFIX catalogue:retired   set of retired item ids (checkpoint or live)
+    PREFIX catalogue:version   incremented (INCR) with every change of either
 
-When Redis does not answer, a replica keeps serving with the set it read last (retirements made
-meanwhile reach it once Redis is back), rather than failing recommendations over a business rule.
+When Redis does not answer, a replica keeps serving with what it read last (changes made meanwhile
+reach it once Redis is back), rather than failing recommendations over the catalogue.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+from dataclasses import dataclass, field
 
 from service import metrics
 from service.histories import HistoryStore, HistoryStoreUnavailable, RedisHistoryStore
 
 log = logging.getLogger(__name__)
 
+LIVE_KEY = "catalogue:live"
 RETIRED_KEY = "catalogue:retired"
 VERSION_KEY = "catalogue:version"
 
 
+@dataclass(frozen=True)
+class LiveItem:
+    item_id: str
+    title: str
+    description: str | None = None
+
+    @property
+    def text(self) -> str:
+        """What places its token: the title, as training uses titles first."""
+        return self.title or self.description or ""
+
+
+@dataclass(frozen=True)
+class CatalogueState:
+    live: dict[str, LiveItem] = field(default_factory=dict)
+    retired: frozenset[str] = frozenset()
+
+
 class Catalogue:
-    """Retired item ids, shared through the history store's Redis when there is one."""
+    """Live items and retired ids, shared through the history store's Redis when there is one."""
 
     def __init__(self, store: HistoryStore):
-        self.redis = store.redis if isinstance(store, RedisHistoryStore) else None
-        self.call = store.call if isinstance(store, RedisHistoryStore) else None
-        self.prefix = store.prefix if isinstance(store, RedisHistoryStore) else ""
-        self.retired: frozenset[str] = frozenset()
+        redis_store = store if isinstance(store, RedisHistoryStore) else None
+        self.redis = redis_store.redis if redis_store else None
+        self.call = redis_store.call if redis_store else None
+        self.prefix = redis_store.prefix if redis_store else ""
+        self.state = CatalogueState()
         self.version: str | None = None
+
+    def publish(self) -> None:
+        metrics.live_items.set(len(self.state.live))
+        metrics.retired_items.set(len(self.state.retired))
+
+    async def add(self, item: LiveItem) -> bool:
+        """Store a live item; False when an item of that id was added before (nothing changes).
+        Raises HistoryStoreUnavailable when Redis does not take it (the caller retries)."""
+        if self.redis is None:
+            if item.item_id in self.state.live:
+                return False
+            self.state = CatalogueState({**self.state.live, item.item_id: item}, self.state.retired)
+            self.publish()
+            return True
+        record = json.dumps({"title": item.title, "description": item.description})
+
+        async def add_if_new():
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.hsetnx(self.prefix + LIVE_KEY, item.item_id, record)
+            pipe.incr(self.prefix + VERSION_KEY)
+            added, _ = await pipe.execute()
+            return bool(added)
+        added = await self.call("catalogue", add_if_new)
+        await self.refresh()
+        return added
 
     async def set_available(self, item_id: str, available: bool) -> None:
         """Raises HistoryStoreUnavailable when Redis does not take the change (the caller retries)."""
         if self.redis is None:
-            self.retired = self.retired - {item_id} if available else self.retired | {item_id}
-            metrics.retired_items.set(len(self.retired))
+            retired = self.state.retired - {item_id} if available else self.state.retired | {item_id}
+            self.state = CatalogueState(self.state.live, retired)
+            self.publish()
             return
 
         async def change():
@@ -53,16 +104,24 @@ class Catalogue:
         await self.call("catalogue", change)
         await self.refresh()
 
-    async def refresh(self) -> frozenset[str]:
-        """The retired ids, re-read only when another replica (or this one) changed them."""
+    async def refresh(self) -> CatalogueState:
+        """The live items and retired ids, re-read only when another replica (or this one) changed them."""
         if self.redis is None:
-            return self.retired
+            return self.state
         try:
             version = await self.call("catalogue", lambda: self.redis.get(self.prefix + VERSION_KEY))
             if version != self.version:
-                members = await self.call("catalogue", lambda: self.redis.smembers(self.prefix + RETIRED_KEY))
-                self.retired, self.version = frozenset(members), version
-                metrics.retired_items.set(len(self.retired))
+                async def read_all():
+                    pipe = self.redis.pipeline(transaction=True)
+                    pipe.hgetall(self.prefix + LIVE_KEY)
+                    pipe.smembers(self.prefix + RETIRED_KEY)
+                    return await pipe.execute()
+                live, retired = await self.call("catalogue", read_all)
+                self.state = CatalogueState(
+                    {item_id: LiveItem(item_id, **json.loads(record)) for item_id, record in live.items()},
+                    frozenset(retired))
+                self.version = version
+                self.publish()
         except HistoryStoreUnavailable as e:
-            log.warning("retired items not refreshed, serving with the last %d known: %s", len(self.retired), e)
-        return self.retired
+            log.warning("catalogue not refreshed, serving with the last one read: %s", e)
+        return self.state

@@ -27,7 +27,8 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 
@@ -38,9 +39,10 @@ from model.checkpoint import CheckpointError, Recommender, load_recommender
 from model.cllm4rec import score_prompts
 from model.prompts import build_recommend_prompt
 from model.config import ConfigError
+from model.initialise import text_vector
 from service import metrics
 from service.batcher import Batcher
-from service.catalogue import Catalogue
+from service.catalogue import Catalogue, CatalogueState, LiveItem
 from service.histories import HistoryStore, seed_from_checkpoint
 from service.schemas import (ErasureResponse, HistoryResponse, InteractionsResponse, ItemResponse, RecommendedItem,
                              RecommendQuery, RecommendResponse, ReloadResponse)
@@ -55,6 +57,10 @@ class RequestTimeout(RuntimeError):
 
 class UnknownItem(LookupError):
     """The item id is not in the served catalogue (404)."""
+
+
+class ItemExists(ValueError):
+    """An item of that id is in the catalogue already (409)."""
 
 
 class ReloadFailed(RuntimeError):
@@ -83,6 +89,9 @@ class ServedModel:
     titles: list[str | None]
     popularity: list[float]  # training interactions per item
     popular_first: list[int]  # item indices, most popular first (ties: lower index first)
+    live: set[str] = field(default_factory=set)  # ids of the items added live (after the checkpoint's)
+    # Held by a forward pass and by adding live items: the item tables never grow under a pass.
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
     def load(cls, checkpoint: Path, settings: Settings) -> ServedModel:
@@ -130,9 +139,30 @@ class ServedModel:
     def warm_up_job(self) -> ScoreJob:
         return self.job(0 if self.recommender.space.n_users else None, [0], [0], 1)
 
+    def add_live_items(self, items: Sequence[LiveItem]) -> None:
+        """Grow the catalogue by items placed by their text (model.initialise.text_vector, as training
+        places items by their titles), each with the median item bias: a typical item until it has a
+        history. Runs in a thread; waits for the forward pass in progress."""
+        recommender = self.recommender
+        words = recommender.model.backbone.get_input_embeddings().weight.detach().float()
+        vectors = [text_vector(words, recommender.space.tokenizer, item.text) for item in items]
+        vectors = torch.stack([words.mean(0) if vector is None else vector for vector in vectors])
+        with self.lock:
+            recommender.model.add_items(vectors, float(recommender.model.item_bias.detach().float().median()))
+            recommender.space.n_items += len(items)
+            for item in items:
+                index = len(recommender.checkpoint.item_ids)
+                recommender.item_index[item.item_id] = index
+                recommender.checkpoint.item_ids.append(item.item_id)
+                self.titles.append(item.title or None)
+                self.popularity.append(0.0)
+                self.popular_first.append(index)
+                self.live.add(item.item_id)
+
     def score(self, jobs: Sequence[ScoreJob]) -> list[Ranking]:
         """One padded forward pass for jobs of this model, masking and top-k."""
-        scores = score_prompts(self.recommender.model, [job.prompt for job in jobs])  # [B, n_items] float32
+        with self.lock:
+            scores = score_prompts(self.recommender.model, [job.prompt for job in jobs])  # [B, n_items] float32
         for row, job in enumerate(jobs):
             if job.candidates is not None:  # only the candidates may be ranked
                 allowed = torch.as_tensor(job.candidates, dtype=torch.long, device=scores.device)
@@ -198,6 +228,7 @@ class Engine:
         self.failure: str | None = None  # why this replica can no longer serve (it is stopping)
         self.on_fatal: Callable[[], None] | None = None  # set by `cllm4rec serve`: stop the process
         self.reloading = asyncio.Lock()  # one reload at a time; others wait for it
+        self.syncing = asyncio.Lock()  # one catalogue sync at a time: a live item is added once
         model.publish_info()
 
     # --- life cycle ------------------------------------------------------------------------------
@@ -293,7 +324,7 @@ class Engine:
             for i, history in zip(stored, await self.store.get([requests[i].user_id for i in stored])):
                 histories[i] = history
         item_index = model.recommender.item_index
-        retired = [item_index[i] for i in await self.catalogue.refresh() if i in item_index]
+        retired = [item_index[i] for i in (await self.sync_catalogue(model)).retired if i in item_index]
         answers: list[Answer | None] = [None] * len(requests)
         # At most one batch's worth of jobs in the queue per call: a large /recommend/batch fills
         # full forward passes one after another instead of taking the whole queue.
@@ -342,24 +373,50 @@ class Engine:
             items, values = await self.batcher.submit(model.job(user, recent_unique, excluded, request.k, candidates))
         return Answer(request.user_id, items, values, user is None, fallback, unknown)
 
+    async def sync_catalogue(self, model: ServedModel) -> CatalogueState:
+        """The catalogue as last changed by any replica, with its new live items added to `model`."""
+        state = await self.catalogue.refresh()
+        if all(item_id in model.live for item_id in state.live):
+            return state
+        async with self.syncing:
+            new = [item for item_id, item in state.live.items()
+                   if item_id not in model.live and item_id not in model.recommender.item_index]
+            if new:
+                await asyncio.to_thread(model.add_live_items, new)
+                log.info("live items added to model %s: %d", model.version, len(new))
+        return state
+
     async def item(self, item_id: str) -> ItemResponse:
         """Raises UnknownItem for an id the served model does not have."""
-        index = self.model.recommender.item_index.get(item_id)
+        model = self.model
+        state = await self.sync_catalogue(model)
+        index = model.recommender.item_index.get(item_id)
         if index is None:
-            raise UnknownItem(f"no item {item_id!r} in the catalogue of model {self.model.version}")
-        return ItemResponse(item_id=item_id, title=self.model.titles[index], source="checkpoint",
-                            available=item_id not in await self.catalogue.refresh())
+            raise UnknownItem(f"no item {item_id!r} in the catalogue of model {model.version}")
+        return ItemResponse(item_id=item_id, title=model.titles[index],
+                            source="live" if item_id in model.live else "checkpoint",
+                            available=item_id not in state.retired)
+
+    async def add_item(self, item: LiveItem) -> ItemResponse:
+        """Raises ItemExists for an id that is in the catalogue already (checkpoint or live)."""
+        exists = ItemExists(f"item {item.item_id!r} is in the catalogue already")
+        if item.item_id in self.model.recommender.item_index:
+            raise exists
+        if not await self.catalogue.add(item):
+            raise exists
+        return await self.item(item.item_id)
 
     async def similar_items(self, item_id: str, k: int) -> RecommendResponse:
         """The items most likely after this one: one forward pass of the trainer's history-only prompt
         with this item alone (`a user has interacted with <item>, the user will interact with`), the
         same head as /recommend; the item itself and retired items left out."""
         model = self.model
+        state = await self.sync_catalogue(model)
         index = model.recommender.item_index.get(item_id)
         if index is None:
             raise UnknownItem(f"no item {item_id!r} in the catalogue of model {model.version}")
         item_index = model.recommender.item_index
-        excluded = sorted({index, *(item_index[i] for i in await self.catalogue.refresh() if i in item_index)})
+        excluded = sorted({index, *(item_index[i] for i in state.retired if i in item_index)})
         items, scores = await self.batcher.submit(model.job(None, [index], excluded, k))
         return model.response(Answer(item_id, items, scores, cold_start=True, fallback=None, unknown_item_ids=[]))
 

@@ -33,7 +33,7 @@ redis_operation_duration = Histogram(
     ["operation"], buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0))
 errors = Counter(
     "cllm4rec_errors_total", "Requests answered with an error, by kind: unauthorized (401), forbidden (403), "
-    "too_large (413), unknown_item (404), validation (422), overloaded (503, queue full), history_store (503, "
+    "too_large (413), unknown_item (404), item_exists (409), validation (422), overloaded (503, queue full), history_store (503, "
     "Redis unreachable), "
     "timeout (504), reload_failed (400), internal (500)", ["kind"])
 cold_start = Counter(
@@ -53,3 +53,5 @@ batcher_alive = Gauge(
     "cllm4rec_batcher_alive", "1 while the forward-pass worker runs; 0 once it has died (the process then exits)")
 retired_items = Gauge(
     "cllm4rec_retired_items", "Items retired from recommendations (DELETE or PATCH /items/{item_id}), as last read")
+live_items = Gauge(
+    "cllm4rec_live_items", "Items added from their text while serving (POST /items), as last read")

@@ -16,6 +16,8 @@ if TYPE_CHECKING:
     from service.settings import Settings
 
 DEFAULT_K = 20
+MAX_TITLE_CHARACTERS = 1000
+MAX_DESCRIPTION_CHARACTERS = 10_000
 
 # The patterns the OpenAPI schema states. check_id also refuses lone UTF-16 surrogates (JSON can
 # escape them, UTF-8 and so Redis keys cannot hold them); they are left out of the patterns because
@@ -32,6 +34,12 @@ def check_id(value: str) -> str:
     if found:
         raise ValueError(f"ids must not contain whitespace, control, invisible or surrogate characters: "
                          f"{ascii(found.group())} at position {found.start()}")
+    return value
+
+
+def check_path_id(value: str) -> str:
+    if "/" in value:
+        raise ValueError("this id is used in URL paths (/items/{item_id}): it must not contain '/'")
     return value
 
 
@@ -64,6 +72,7 @@ class RequestModels:
     recommend: type[BaseModel]
     batch: type[BaseModel]
     interactions: type[BaseModel]
+    live_item: type[BaseModel]
 
 
 def request_models(settings: "Settings") -> RequestModels:
@@ -109,9 +118,20 @@ def request_models(settings: "Settings") -> RequestModels:
         item_ids: list[ItemId] = Field(min_length=1, max_length=settings.max_history_items,
                                        description="items the user interacted with, oldest first")
 
+    class LiveItemRequest(Strict):
+        model_config = ConfigDict(json_schema_extra={"examples": [
+            {"item_id": "i-new-1", "title": "travel tripod, carbon", "description": "1.2 kg, folds to 40 cm"}]})
+
+        # A path segment too (GET /items/{item_id}): no "/".
+        item_id: Annotated[id_type(PATH_ID_PATTERN, "i-new-1"), AfterValidator(check_path_id)]
+        title: Annotated[str, StringConstraints(min_length=1, max_length=MAX_TITLE_CHARACTERS)] = Field(
+            description="what places the item's token (as training places items by their titles)")
+        description: Annotated[str, StringConstraints(max_length=MAX_DESCRIPTION_CHARACTERS)] | None = Field(
+            None, description="stored with the item; used for its token only when the title is empty")
+
     return RequestModels(user_id_path=id_type(PATH_ID_PATTERN, "u42"), item_id_path=id_type(PATH_ID_PATTERN, "i7"),
-                         k=K, recommend=RecommendRequest,
-                         batch=BatchRecommendRequest, interactions=InteractionsRequest)
+                         k=K, recommend=RecommendRequest, batch=BatchRecommendRequest,
+                         interactions=InteractionsRequest, live_item=LiveItemRequest)
 
 
 class RecommendedItem(BaseModel):
@@ -181,7 +201,8 @@ class ItemResponse(BaseModel):
 
     item_id: str
     title: str | None = Field(description="the item's title from the training data, if it had one")
-    source: Literal["checkpoint"] = Field(description="where the item comes from: the served checkpoint")
+    source: Literal["checkpoint", "live"] = Field(description="where the item comes from: the served checkpoint, "
+                                                  "or added from its text while serving (POST /items)")
     available: bool = Field(description="false once retired: it is left out of every recommendation")
 
 
@@ -247,5 +268,6 @@ STORE_UNAVAILABLE = {503: error("the history store (Redis) is unreachable, or th
                                 "(then with Retry-After)")}
 RECOMMEND_ERRORS = {**STORE_UNAVAILABLE, 504: error("no answer within CLLM4REC_REQUEST_TIMEOUT_S")}
 UNKNOWN_ITEM = {404: error("the item id is not in the served catalogue")}
+ITEM_EXISTS = {409: error("an item of that id is in the catalogue already")}
 RELOAD_FAILED = {400: error("the checkpoint could not be loaded or warmed up, and the previous model keeps "
                             "serving; or the body could not be parsed at all")}

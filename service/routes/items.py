@@ -1,5 +1,5 @@
-"""GET, PATCH and DELETE /items/{item_id}: an item of the catalogue, and retiring it;
-GET /items/{item_id}/similar: the items most likely after it."""
+"""POST /items: an item added from its text; GET, PATCH and DELETE /items/{item_id}: an item of the
+catalogue, and retiring it; GET /items/{item_id}/similar: the items most likely after it."""
 
 # No `from __future__ import annotations`: the path parameter type is this app's own (schemas.request_models).
 
@@ -9,8 +9,10 @@ from fastapi import APIRouter, Depends, Path, Query
 
 from service.dependencies import get_engine, require_read_key, require_write_key
 from service.engine import Engine
-from service.schemas import (BODY_TOO_LARGE, DEFAULT_K, RECOMMEND_ERRORS, STORE_UNAVAILABLE, UNAUTHORIZED,
-                             UNKNOWN_ITEM, ItemAvailability, ItemResponse, RecommendResponse, RequestModels)
+from service.catalogue import LiveItem
+from service.schemas import (BODY_TOO_LARGE, DEFAULT_K, ITEM_EXISTS, RECOMMEND_ERRORS, STORE_UNAVAILABLE,
+                             UNAUTHORIZED, UNKNOWN_ITEM, ItemAvailability, ItemResponse, RecommendResponse,
+                             RequestModels)
 
 EngineDep = Annotated[Engine, Depends(get_engine)]
 
@@ -18,6 +20,17 @@ EngineDep = Annotated[Engine, Depends(get_engine)]
 def create_router(models: RequestModels) -> APIRouter:
     router = APIRouter(tags=["catalogue"], responses={**UNAUTHORIZED, **UNKNOWN_ITEM})
     ItemId = Annotated[models.item_id_path, Path()]
+    LiveItemRequest = models.live_item
+
+    @router.post("/items", summary="Add an item from its text", status_code=201,
+                 responses={**ITEM_EXISTS, **STORE_UNAVAILABLE, **BODY_TOO_LARGE},
+                 dependencies=[Depends(require_write_key)])
+    async def add_item(body: LiveItemRequest, engine: EngineDep) -> ItemResponse:
+        """The item gets a token placed by its title with the function training uses to start items
+        from their titles, and the median item bias; the next /recommend can return it, on every
+        replica sharing the Redis, without retraining or reloading. It is kept in Redis (or the
+        process) and added again to a reloaded or restarted model."""
+        return await engine.add_item(LiveItem(body.item_id, body.title, body.description))
 
     @router.get("/items/{item_id}", summary="An item of the catalogue", dependencies=[Depends(require_read_key)])
     async def get_item(item_id: ItemId, engine: EngineDep) -> ItemResponse:

@@ -207,12 +207,13 @@ def test_openapi_schema_is_complete(client):
                 ("/recommend/{user_id}", "get"), ("/recommend/batch", "post"), ("/interactions", "post"),
                 ("/admin/reload", "post"), ("/users/{user_id}/history", "get"),
                 ("/users/{user_id}/history", "delete"), ("/items/{item_id}", "get"), ("/items/{item_id}", "patch"),
-                ("/items/{item_id}", "delete"), ("/items/{item_id}/similar", "get")}
+                ("/items/{item_id}", "delete"), ("/items/{item_id}/similar", "get"),
+                ("/items", "post")}
     assert {(p, m) for p, ops in paths.items() for m in ops} == expected
     components = schema["components"]["schemas"]
     for name in ("RecommendRequest", "RecommendResponse", "BatchRecommendRequest", "InteractionsRequest",
                  "InteractionsResponse", "Readiness", "HistoryResponse", "ErasureResponse", "ItemResponse",
-                 "ItemAvailability"):
+                 "ItemAvailability", "LiveItemRequest"):
         assert components[name].get("examples"), name
     assert {"401", "413", "422", "503", "504"} <= set(paths["/recommend"]["post"]["responses"])
     assert {"401", "413", "422", "503"} <= set(paths["/interactions"]["post"]["responses"])

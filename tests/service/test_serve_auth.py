@@ -32,7 +32,8 @@ def reads(user_id: str) -> list[tuple[str, str, dict | None]]:
 
 def writes(user_id: str) -> list[tuple[str, str, dict | None]]:
     return [("post", "/interactions", {"user_id": user_id, "item_ids": ["i1"]}),
-            ("delete", "/users/someone-else/history", None), ("patch", "/items/i1", {"available": True})]
+            ("delete", "/users/someone-else/history", None), ("patch", "/items/i1", {"available": True}),
+            ("post", "/items", {"item_id": "i1", "title": "exists: 409 once authorised"})]
 
 
 # A reload with a path that does not exist: authorised, it is a 400 that leaves the model alone.
@@ -51,7 +52,7 @@ def assert_unauthorized(response, message: str) -> None:
 
 
 def authorised_status(path: str) -> int:
-    return 400 if path == "/admin/reload" else 200
+    return {"/admin/reload": 400, "/items": 409}.get(path, 200)
 
 
 def test_with_a_key_every_endpoint_but_the_probes_needs_it(tiny_checkpoint, user_id, caplog):
@@ -117,7 +118,7 @@ def test_without_a_key_everything_is_open(tiny_checkpoint, user_id):
     with running_server(server_settings(tiny_checkpoint, api_key="")) as server, server.client() as client:
         assert server.app.state.settings.api_key is None  # empty means unset
         for method, path, body in reads(user_id) + writes(user_id):
-            assert call(client, method, path, body).status_code == 200, path
+            assert call(client, method, path, body).status_code == authorised_status(path), path
 
 
 def from_another_host(app, method: str, path: str, body: dict | None, headers: dict | None = None):

@@ -1,11 +1,14 @@
-"""The live catalogue over HTTP with the real Redis: a retired item never comes back (single, batch,
-fallback, similar items), on every server sharing the Redis, until it is restored; similar items are
-the offline scorer's answer to a one-item prompt; unknown items are a 404."""
+"""The live catalogue over HTTP with the real Redis: an item added from its text is placed where
+training places items by their titles and served by every replica and a restarted server; a retired
+item never comes back (single, batch, fallback, similar items), on every server sharing the Redis,
+until it is restored; similar items are the offline scorer's answer to a one-item prompt; unknown
+items are a 404, existing ones a 409."""
 
 from __future__ import annotations
 
 import torch
 
+from model.initialise import text_vector
 from serving_helpers import REDIS_URL, metric_value, offline_ranking, running_server, server_settings
 
 
@@ -81,3 +84,49 @@ def test_similar_items_are_the_one_item_prompt_of_the_trainer(tiny_checkpoint, o
         assert item_id not in ids(answer) and answer["user_id"] == item_id
         assert client.get("/items/no-such-item/similar").status_code == 404
         assert client.get(f"/items/{item_id}/similar", params={"k": 0}).status_code == 422
+
+
+def test_an_item_added_from_its_text_is_served_by_every_replica(tiny_checkpoint, offline, redis_prefix):
+    settings = server_settings(tiny_checkpoint, redis_url=REDIS_URL, redis_key_prefix=redis_prefix)
+    user_id = offline.checkpoint.user_ids[4]
+    title = offline.checkpoint.item_titles[7] or "a travel tripod"
+    words = offline.model.backbone.get_input_embeddings().weight.detach().float()
+    with running_server(settings) as one, running_server(settings) as other, \
+            one.client() as a, other.client() as b:
+        added = a.post("/items", json={"item_id": "live-1", "title": title, "description": "folds small"})
+        assert added.status_code == 201, added.text
+        assert added.json() == {"item_id": "live-1", "title": title, "source": "live", "available": True}
+        assert b.get("/items/live-1").json()["source"] == "live"  # the other replica, at its next request
+        # its token is where training starts an item with that title (model.initialise.text_vector)
+        table = one.engine.model.recommender.model.collab_items.weight
+        assert torch.equal(table[-1].detach().float(), text_vector(words, offline.space.tokenizer, title))
+        n_items = len(offline.checkpoint.item_ids) + 1
+        for client in (a, b):
+            only = client.post("/recommend", json={"user_id": user_id, "candidate_item_ids": ["live-1"]}).json()
+            assert ids(only) == ["live-1"] and only["unknown_item_ids"] == []
+            everything = client.post("/recommend", json={"user_id": user_id, "k": n_items}).json()
+            assert "live-1" in ids(everything)
+            similar = client.get("/items/live-1/similar", params={"k": 5})
+            assert similar.status_code == 200 and "live-1" not in ids(similar.json())
+        for duplicate in ("live-1", offline.checkpoint.item_ids[0]):
+            response = b.post("/items", json={"item_id": duplicate, "title": "again"})
+            assert response.status_code == 409 and "already" in response.json()["detail"]
+        assert metric_value(a.get("/metrics").text, "cllm4rec_live_items") == 1
+
+        assert b.delete("/items/live-1").json() == {"item_id": "live-1", "title": title, "source": "live",
+                                                    "available": False}
+        everything = a.post("/recommend", json={"user_id": user_id, "k": n_items}).json()
+        assert "live-1" not in ids(everything)
+    # a restarted server finds it in Redis
+    with running_server(settings) as server, server.client() as client:
+        assert client.get("/items/live-1").json()["source"] == "live"
+
+
+def test_items_can_be_added_without_redis(tiny_checkpoint, offline):
+    with running_server(server_settings(tiny_checkpoint)) as server, server.client() as client:
+        assert client.post("/items", json={"item_id": "live-2", "title": "blue mug"}).status_code == 201
+        answer = client.post("/recommend", json={"user_id": offline.checkpoint.user_ids[0],
+                                                 "candidate_item_ids": ["live-2"]}).json()
+        assert ids(answer) == ["live-2"]
+        assert client.post("/items", json={"item_id": "a/b", "title": "x"}).status_code == 422
+        assert client.post("/items", json={"item_id": "live-3", "title": ""}).status_code == 422
