@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 from model.initialise import text_vector
-from serving_helpers import REDIS_URL, metric_value, offline_ranking, running_server, server_settings
+from serving_helpers import (REDIS_URL, metric_value, offline_ranking, running_server, server_settings,
+                             variant_checkpoint)
 
 
 def ids(answer: dict) -> list[str]:
@@ -130,3 +131,16 @@ def test_items_can_be_added_without_redis(tiny_checkpoint, offline):
         assert ids(answer) == ["live-2"]
         assert client.post("/items", json={"item_id": "a/b", "title": "x"}).status_code == 422
         assert client.post("/items", json={"item_id": "live-3", "title": ""}).status_code == 422
+
+
+def test_a_reloaded_model_gets_the_live_items_too(tiny_checkpoint, offline, tmp_path):
+    new_version = variant_checkpoint(tiny_checkpoint, tmp_path / "new", scale=1.5)
+    with running_server(server_settings(tiny_checkpoint, checkpoint_root=tmp_path)) as server, \
+            server.client() as client:
+        client.post("/items", json={"item_id": "live-4", "title": "red kettle"})
+        assert client.post("/admin/reload", json={"checkpoint": str(tmp_path / "new")}).json()["model_version"] == \
+            new_version
+        answer = client.post("/recommend", json={"user_id": offline.checkpoint.user_ids[1],
+                                                 "candidate_item_ids": ["live-4"]}).json()
+        assert ids(answer) == ["live-4"] and answer["model_version"] == new_version
+        assert client.get("/items/live-4").json()["source"] == "live"
