@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 import threading
 from dataclasses import dataclass, field
 from itertools import islice
@@ -116,6 +116,11 @@ class ServedModel:
         recommender = self.recommender
         return ScoreJob(self, build_recommend_prompt(recommender.space, user, history, recommender.max_history),
                         excluded, k, candidates)
+
+    def indices(self, item_ids: Iterable[str]) -> list[int]:
+        """The item indices of the ids this model knows, in order; ids it does not know are skipped."""
+        item_index = self.recommender.item_index
+        return [item_index[item_id] for item_id in item_ids if item_id in item_index]
 
     def most_popular(self, excluded: Sequence[int], k: int, candidates: Sequence[int] | None = None) -> Ranking:
         """The fallback: the k most popular items not excluded (and among the candidates, when given),
@@ -323,8 +328,7 @@ class Engine:
         if stored:  # one store round trip for every user whose history is needed
             for i, history in zip(stored, await self.store.get([requests[i].user_id for i in stored])):
                 histories[i] = history
-        item_index = model.recommender.item_index
-        retired = [item_index[i] for i in (await self.sync_catalogue(model)).retired if i in item_index]
+        retired = model.indices((await self.sync_catalogue(model)).retired)
         answers: list[Answer | None] = [None] * len(requests)
         # At most one batch's worth of jobs in the queue per call: a large /recommend/batch fills
         # full forward passes one after another instead of taking the whole queue.
@@ -349,17 +353,17 @@ class Engine:
                             retired: Sequence[int] = ()) -> Answer:
         recommender = model.recommender
         item_index = recommender.item_index
-        known = [item_index[item_id] for item_id in history if item_id in item_index]
+        known = model.indices(history)
         # Only ids the caller sent come back: a stored history is not theirs to read through this answer.
         sent = [*(request.history or ()), *(request.exclude_item_ids or ()), *(request.candidate_item_ids or ())]
         unknown = list(dict.fromkeys(item_id for item_id in sent if item_id not in item_index))
         # Business rules and the history, as masks on the one pass's scores.
         excluded = set(known) if request.exclude_seen else set()
-        excluded.update(item_index[i] for i in request.exclude_item_ids or () if i in item_index)
+        excluded.update(model.indices(request.exclude_item_ids or ()))
         excluded.update(retired)
         excluded = sorted(excluded)
         candidates = None if request.candidate_item_ids is None else \
-            sorted({item_index[i] for i in request.candidate_item_ids if i in item_index})
+            sorted(set(model.indices(request.candidate_item_ids)))
         user = recommender.user_index.get(request.user_id)
         fallback = None
         if user is None:
@@ -415,8 +419,7 @@ class Engine:
         index = model.recommender.item_index.get(item_id)
         if index is None:
             raise UnknownItem(f"no item {item_id!r} in the catalogue of model {model.version}")
-        item_index = model.recommender.item_index
-        excluded = sorted({index, *(item_index[i] for i in state.retired if i in item_index)})
+        excluded = sorted({index, *model.indices(state.retired)})
         items, scores = await self.batcher.submit(model.job(None, [index], excluded, k))
         return model.response(Answer(item_id, items, scores, cold_start=True, fallback=None, unknown_item_ids=[]))
 
