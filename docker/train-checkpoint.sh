@@ -11,6 +11,9 @@
 #   attempt was interrupted (container stopped, pod evicted), and renames that to /checkpoints/NAME
 #   once training has finished. The trainer rewrites its best checkpoint during the run, so serving
 #   only ever points at NAME, which appears in one rename.
+# - TORCHRUN_ARGS set (the multi-node Job, k8s/components/multi-node-training): data-parallel,
+#   `torchrun $TORCHRUN_ARGS cllm4rec train ...`; only the pod of JOB_COMPLETION_INDEX 0 (rank 0's)
+#   clears an unusable partial directory and renames the finished one.
 set -eu
 
 root="${CLLM4REC_CHECKPOINTS_ROOT:-/checkpoints}"
@@ -48,17 +51,27 @@ if [ "$data" = "--demo" ]; then
     exit 0
 fi
 
+leader=true
+[ "${JOB_COMPLETION_INDEX:-0}" = "0" ] || leader=false
+
 resume=""
 if [ -f "$partial/train_state/state.json" ]; then
     echo "train-checkpoint: continuing the interrupted run in $partial"
     resume="--resume"
-else
+elif $leader; then
     # Interrupted before its first epoch finished: nothing worth keeping.
     rm -rf "$partial"
 fi
 
-# $resume is deliberately unquoted: empty means no argument.
-# shellcheck disable=SC2086
-cllm4rec train --data "$data" --out "$partial" $resume "$@"
-mv "$partial" "$final"
-echo "train-checkpoint: $final is ready"
+# $resume and $TORCHRUN_ARGS are deliberately unquoted: words of options, empty means none.
+if [ -n "${TORCHRUN_ARGS:-}" ]; then
+    # shellcheck disable=SC2086
+    torchrun $TORCHRUN_ARGS "$(command -v cllm4rec)" train --data "$data" --out "$partial" $resume "$@"
+else
+    # shellcheck disable=SC2086
+    cllm4rec train --data "$data" --out "$partial" $resume "$@"
+fi
+if $leader; then
+    mv "$partial" "$final"
+    echo "train-checkpoint: $final is ready"
+fi

@@ -2,7 +2,9 @@
 
     collaborative  one document per user: `<user> has interacted with` -> the training items, reshuffled
     recommend      one prompt per user: a random mask_ratio of the training items (at least one) held out
-                   of the prompt, the rest shuffled into it; targets are the held-out or all items
+                   of the prompt, the rest shuffled into it; targets are the held-out or all items. A
+                   share (unmasked_ratio) of the prompts hold every training item: the prompt the model
+                   is validated and served with, on which the teacher's distribution is what to learn
 
 Batches group examples of similar length (less padding, the same randomness per epoch).
 """
@@ -41,14 +43,15 @@ def collaborative_documents(space: TokenSpace, split: Split, max_items: int, rng
 
 
 def recommend_examples(space: TokenSpace, split: Split, mask_ratio: float, targets: str, anonymous_ratio: float,
-                       max_history: int, rng: np.random.Generator):
+                       max_history: int, rng: np.random.Generator, unmasked_ratio: float = 0.0):
     """(prompt, targets, user, history) per user with training items."""
     examples = []
     for u, items in enumerate(split.train):
         if not len(items):
             continue
         items = rng.permutation(items)
-        n_masked = max(1, round(mask_ratio * len(items)))
+        unmasked = unmasked_ratio > 0 and rng.random() < unmasked_ratio  # no draw at 0: the same epochs as before
+        n_masked = 0 if unmasked else max(1, round(mask_ratio * len(items)))
         masked, history = items[:n_masked].tolist(), items[n_masked:].tolist()
         user = None if rng.random() < anonymous_ratio else u
         prompt = build_recommend_prompt(space, user, history, max_history)

@@ -5,7 +5,9 @@
                             sha256 of every file below
     embeddings.safetensors  collab_users, collab_items, content_users, content_items (float32), and the
                             item head's item_bias, logit_scale and head_projection (format 2; format 1
-                            has none: bias 0, scale 1, identity, the paper's head)
+                            has none: bias 0, scale 1, identity, the paper's head), and the backbone's
+                            low-rank adapters, adapter.<block>.<path>.down/up, when it has them
+                            (checkpoint.json's "adapters": rank, blocks and targets)
     split.safetensors       the train/val/test split as (user, item, part) index arrays
     ids.json                user ids, item ids and item titles (index order)
     metrics.jsonl           one line per training epoch (appended by the trainer; not checksummed)
@@ -29,9 +31,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
-from safetensors.torch import load_file as load_torch
+from safetensors import safe_open
 from safetensors.torch import save_file as save_torch
 
+from model.adapters import adapter_tensors, load_adapter_tensors
 from model.backbone import load_backbone
 from model.cllm4rec import CLLM4Rec
 from model.data import Split
@@ -46,6 +49,7 @@ SPLIT_FILE = "split.safetensors"
 IDS_FILE = "ids.json"
 METRICS_FILE = "metrics.jsonl"
 TABLES = ("collab_users", "collab_items", "content_users", "content_items")
+SCORING_TABLES = ("collab_users", "collab_items")  # what scoring reads: the collaborative view
 HEAD = ("item_bias", "logit_scale", "head_projection")
 
 
@@ -108,19 +112,22 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 def model_tensors(model: CLLM4Rec) -> dict[str, torch.Tensor]:
     """Everything a checkpoint keeps of the model: the four tables and the item head's parameters."""
-    tensors = {name: getattr(model, name).weight.detach().float().cpu() for name in TABLES}
+    tensors = {name: getattr(model, name).weight.detach().float().cpu()
+               for name in (TABLES if model.content_view else SCORING_TABLES)}
     tensors.update({name: getattr(model, name).detach().float().cpu() for name in HEAD})
+    tensors.update(adapter_tensors(model.adapters))
     return tensors
 
 
 def load_model_tensors(model: CLLM4Rec, tensors: dict[str, torch.Tensor]) -> None:
     """The inverse of model_tensors; head parameters a format-1 checkpoint lacks keep the paper's head."""
     with torch.no_grad():
-        for name in TABLES:
+        for name in TABLES if model.content_view else SCORING_TABLES:
             getattr(model, name).weight.copy_(tensors[name])
         for name in HEAD:
             if name in tensors:
                 getattr(model, name).copy_(tensors[name])
+    load_adapter_tensors(model.adapters, tensors)
 
 
 def save_checkpoint(directory: str | Path, model: CLLM4Rec, *, backbone: str, backbone_layers: int,
@@ -148,6 +155,8 @@ def save_checkpoint(directory: str | Path, model: CLLM4Rec, *, backbone: str, ba
             "n_words": word_embeddings.num_embeddings,
             "hidden_size": word_embeddings.embedding_dim,
         },
+        "adapters": {"rank": model.adapter_rank, "layers": model.adapter_layers, "targets": model.adapter_targets}
+        if model.adapters else None,
         "n_users": len(user_ids),
         "n_items": len(item_ids),
         "templates": templates.to_dict(),
@@ -167,8 +176,11 @@ def append_metrics(directory: str | Path, record: dict) -> None:
 
 # --- reading ---------------------------------------------------------------------------------
 
-def read_checkpoint(directory: str | Path) -> Checkpoint:
-    """Read and validate everything but the backbone. Raises CheckpointError saying what is wrong."""
+def read_checkpoint(directory: str | Path, scoring_only: bool = False) -> Checkpoint:
+    """Read and validate everything but the backbone. Raises CheckpointError saying what is wrong.
+
+    scoring_only: leave the content view's tables on disk (serving and evaluation never read them;
+    they are half of the memory per user). Every file is still checked against its checksum."""
     directory = Path(directory)
     try:
         is_directory = directory.is_dir()
@@ -214,12 +226,16 @@ def read_checkpoint(directory: str | Path) -> Checkpoint:
     n_users, n_items = meta["n_users"], meta["n_items"]
     hidden = meta["backbone"]["hidden_size"]
     try:
-        embeddings = load_torch(directory / EMBEDDINGS_FILE)
+        with safe_open(directory / EMBEDDINGS_FILE, framework="pt") as f:
+            skipped = set(TABLES) - set(SCORING_TABLES) if scoring_only else set()
+            embeddings = {name: f.get_tensor(name) for name in f.keys() if name not in skipped}
         split_arrays = load_numpy(directory / SPLIT_FILE)
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{directory}: unreadable tensors ({e})") from e
     expected = {"collab_users": n_users, "collab_items": n_items, "content_users": n_users, "content_items": n_items}
     for name, rows in expected.items():
+        if scoring_only and name not in SCORING_TABLES:
+            continue
         tensor = embeddings.get(name)
         if tensor is None:
             raise CheckpointError(f"{directory}: {EMBEDDINGS_FILE} has no tensor {name!r}")
@@ -275,10 +291,19 @@ def build_model(checkpoint: Checkpoint, backbone_model, tokenizer) -> tuple[CLLM
             f"backbone {meta['backbone']['name']!r} has {word_embeddings.num_embeddings} words of width "
             f"{word_embeddings.embedding_dim}; the checkpoint was trained on {meta['backbone']['n_words']} "
             f"of width {meta['backbone']['hidden_size']}")
-    model = CLLM4Rec(backbone_model, meta["n_users"], meta["n_items"])
+    model = CLLM4Rec(backbone_model, meta["n_users"], meta["n_items"],
+                     content_view=all(name in checkpoint.embeddings for name in TABLES))
+    if meta.get("adapters"):
+        try:
+            model.attach_adapters(meta["adapters"]["rank"], meta["adapters"]["layers"], meta["adapters"]["targets"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{checkpoint.path}: {META_FILE} has unusable adapters ({e})") from e
     dtype = word_embeddings.weight.dtype
     device = word_embeddings.weight.device
-    load_model_tensors(model, checkpoint.embeddings)
+    try:
+        load_model_tensors(model, checkpoint.embeddings)
+    except (KeyError, RuntimeError) as e:  # an adapter tensor missing or of another shape
+        raise CheckpointError(f"{checkpoint.path}: {EMBEDDINGS_FILE} does not fit its adapters ({e})") from e
     model.to(device=device, dtype=dtype)
     model.eval()
     space = TokenSpace(tokenizer, word_embeddings.num_embeddings, meta["n_users"], meta["n_items"],
@@ -293,8 +318,9 @@ def default_device() -> torch.device:
 def load_recommender(directory: str | Path, device: str | torch.device | None = None,
                      dtype: torch.dtype | None = None) -> Recommender:
     """Read a checkpoint and put it on the GPU when there is one, else the CPU. Weights in float32 by
-    default; on CUDA the forward pass then computes in bfloat16 (score_prompts)."""
-    checkpoint = read_checkpoint(directory)
+    default; on CUDA the forward pass then computes in bfloat16 (score_prompts). Only the scoring view
+    is loaded: the content tables stay on disk (docs/deployment.md, memory)."""
+    checkpoint = read_checkpoint(directory, scoring_only=True)
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or torch.float32
     backbone = checkpoint.meta["backbone"]

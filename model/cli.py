@@ -33,8 +33,13 @@ HELP = {
     "content": "train the content LM (reviews, item text); off: collaborative and recommendation stages only",
     "finetune_content": "keep training the content LM during finetuning (paper: yes)",
     "anonymous_prompt_ratio": "share of finetuning prompts without the user token, so unknown users can be served",
+    "unmasked_prompt_ratio": "share of finetuning prompts holding the user's whole training history, as validation and "
+                             "serving do: with --finetune-targets all and a teacher, they learn the teacher's "
+                             "ranking of the items the user has not seen",
     "val_users": "validation users sampled for the per-epoch check (0: all)",
     "device": "auto (CUDA when available), cpu or cuda[:N]",
+    "autocast": "compute the backbone in bfloat16: auto (on CUDA), off (float32), bf16 (also on the CPU: faster "
+                "at full depth on CPUs with AVX-512 BF16 or AMX, about 10x slower on CPUs without them)",
     "resume": "continue the run in --out from its last completed epoch",
     "seed": "seed of the split and of training",
     "init_std": "standard deviation of the random initial token embeddings (paper: 0.02)",
@@ -44,6 +49,10 @@ HELP = {
     "head_bias": "train a per-item bias and a logit scale in the tied item head (not in the paper)",
     "head_adapter": "train a square projection (identity at the start) of the last hidden state before the tied "
                     "item head: a small adapter, not in the paper",
+    "adapter_rank": "rank of low-rank adapters (LoRA) on every linear map of the backbone's last blocks, trained "
+                    "with the collaborative view (0: none, the paper's frozen backbone)",
+    "adapter_layers": "how many of the backbone's last transformer blocks get adapters",
+    "adapter_targets": "which linear maps of those blocks get adapters: all (attention and MLP), or attention",
     "input_gradients": "backpropagate through the backbone into the prompt's soft tokens (paper); off: the tables "
                        "learn from the tied head alone and a step costs about one forward pass",
     "distill_weight": "weight of the cross-entropy towards a teacher (EASE, or low-rank for large catalogues) "

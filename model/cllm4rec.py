@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.adapters import LowRankAdapter, attach_adapters
 from model.prompts import Document
 
 COLLAB, CONTENT = "collab", "content"
@@ -100,8 +101,9 @@ def collate_recommend(prompts: Sequence[list[int]], targets: Sequence[Sequence[i
     multi_hot = torch.zeros((len(prompts), n_items))
     for b, t in enumerate(targets):
         multi_hot[b, list(t)] = 1.0
-    # Regularized: every item whose embedding the pass trains, in the prompt or as a target.
-    items = sorted({i for h in histories for i in h} | {i for t in targets for i in t})
+    # Regularized: every item whose embedding the pass trains, in the prompt or as a target, once per
+    # document (as the other stages count them), so a batch's term is the sum of its documents' terms.
+    items = [i for h, t in zip(histories, targets) for i in sorted(set(h) | set(t))]
     return RecommendBatch(
         ids, mask, multi_hot,
         torch.as_tensor([u for u in users if u is not None], dtype=torch.long),
@@ -111,7 +113,11 @@ def collate_recommend(prompts: Sequence[list[int]], targets: Sequence[Sequence[i
 
 
 class CLLM4Rec(nn.Module):
-    def __init__(self, backbone: nn.Module, n_users: int, n_items: int, init_std: float = 0.02):
+    def __init__(self, backbone: nn.Module, n_users: int, n_items: int, init_std: float = 0.02,
+                 content_view: bool = True):
+        """content_view=False: a model for scoring alone (serving, evaluation), whose content tables are
+        empty; scores only ever read the collaborative view, and the content tables are half of the
+        per-user memory."""
         super().__init__()
         self.backbone = backbone
         self.backbone.requires_grad_(False)
@@ -125,21 +131,30 @@ class CLLM4Rec(nn.Module):
         # gets a gradient, so it stays dense.
         self.collab_users = nn.Embedding(n_users, hidden, sparse=True)
         self.collab_items = nn.Embedding(n_items, hidden)
-        self.content_users = nn.Embedding(n_users, hidden, sparse=True)
-        self.content_items = nn.Embedding(n_items, hidden, sparse=True)
+        self.content_view = content_view
+        self.content_users = nn.Embedding(n_users if content_view else 0, hidden, sparse=True)
+        self.content_items = nn.Embedding(n_items if content_view else 0, hidden, sparse=True)
         for table in self.tables(COLLAB) + self.tables(CONTENT):
             nn.init.normal_(table.weight, std=init_std)
         self.item_bias = nn.Parameter(torch.zeros(n_items))
         self.logit_scale = nn.Parameter(torch.ones(()))
         self.head_projection = nn.Parameter(torch.eye(hidden))
         self.input_gradients = True  # train the soft tokens through the backbone too (the paper); see embed()
+        self.adapters: dict[str, LowRankAdapter] = {}  # low-rank adapters in the backbone (model.adapters), if any
+        self.adapter_rank = self.adapter_layers = 0
+        self.adapter_targets = "all"
+
+    def attach_adapters(self, rank: int, n_layers: int, targets: str = "all") -> None:
+        """Low-rank adapters on the linear maps of the backbone's last n_layers blocks (model.adapters)."""
+        self.adapters = attach_adapters(self.backbone, rank, n_layers, targets)
+        self.adapter_rank, self.adapter_layers, self.adapter_targets = rank, n_layers, targets
 
     @torch.no_grad()
     def add_items(self, vectors: torch.Tensor, bias: float) -> None:
         """Grow the item vocabulary by len(vectors) items (both views start at `vectors`, bias `bias`):
         the tied head scores them from the next forward pass on, without retraining."""
         vectors = vectors.to(self.collab_items.weight)
-        for table in (self.collab_items, self.content_items):
+        for table in (self.collab_items, self.content_items) if self.content_view else (self.collab_items,):
             table.weight = nn.Parameter(torch.cat([table.weight, vectors.to(table.weight)]))
             table.num_embeddings = table.weight.shape[0]
         self.item_bias = nn.Parameter(torch.cat([self.item_bias, self.item_bias.new_full((len(vectors),), bias)]))
@@ -177,7 +192,10 @@ class CLLM4Rec(nn.Module):
         return out.last_hidden_state
 
     def head_parameters(self, bias: bool = True, projection: bool = False) -> list[nn.Parameter]:
-        return ([self.item_bias, self.logit_scale] if bias else []) + ([self.head_projection] if projection else [])
+        """The dense parameters the collaborative view trains besides its tables: the head's, the adapters'."""
+        adapters = [p for adapter in self.adapters.values() for p in (adapter.down, adapter.up)]
+        return ([self.item_bias, self.logit_scale] if bias else []) + ([self.head_projection] if projection else []) \
+            + adapters
 
     def item_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Scores of every item: the item head is tied to the collaborative item embeddings.
@@ -190,16 +208,19 @@ class CLLM4Rec(nn.Module):
 
     # --- losses --------------------------------------------------------------------------------
     def mutual_regularization(self, view: str, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """Sum over the batch's soft tokens of ||own - other||^2, the other view held fixed.
+        """Sum over the batch's soft tokens of ||own - other||^2, the other view held fixed; a token listed
+        n times (in n documents) counts n times.
 
         The caller divides by the batch size along with the likelihood term."""
-        own_users, own_items = self.tables(view)
-        other_users, other_items = self.tables(CONTENT if view == COLLAB else COLLAB)
-        total = own_users.weight.new_zeros(())
-        if len(users):
-            total = total + (own_users(users) - other_users(users).detach()).pow(2).sum()
-        if len(items):
-            total = total + (own_items(items) - other_items(items).detach()).pow(2).sum()
+        total = self.collab_items.weight.new_zeros(())
+        for own, other, index in zip(self.tables(view), self.tables(CONTENT if view == COLLAB else COLLAB),
+                                     (users, items)):
+            if len(index):
+                # Each row looked up once, weighted by its count: repeated indices would make the
+                # gradient's accumulation order, and so its last bits, vary from run to run.
+                rows, counts = torch.unique(index, return_counts=True)
+                distance = (own(rows) - other(rows).detach()).pow(2).sum(-1)
+                total = total + (distance * counts.to(distance.dtype)).sum()
         return total
 
     def collaborative_nll(self, batch: LMBatch) -> torch.Tensor:

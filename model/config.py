@@ -10,8 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
+from model.adapters import ADAPTER_TARGETS
 from model.backbone import DEFAULT_BACKBONE
 from model.initialise import INITIALISERS
+from model.precision import AUTOCAST_MODES
 
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -48,12 +50,16 @@ class TrainConfig:
     content: bool = True  # train the content LM at all (text still initialises tokens, see init)
     finetune_content: bool = True  # keep training the content LM during finetuning (paper)
     anonymous_prompt_ratio: float = 0.1  # finetuning examples without the user token (cold-start prompt)
+    unmasked_prompt_ratio: float = 0.0  # finetuning prompts with the whole training history (the served prompt)
     init: str = "text"  # where soft tokens start (model/initialise.py)
     init_std: float = 0.02  # N(0, init_std) for init random (paper)
     init_rank: int = 0  # rank of the collaborative factorisation (0: the backbone's width)
     head_bias: bool = False  # train a per-item bias and a logit scale in the item head (not in the paper)
     input_gradients: bool = True  # backpropagate through the backbone into the prompt's soft tokens (paper)
     head_adapter: bool = False  # train a square projection of the last hidden state before the head (not in the paper)
+    adapter_rank: int = 0  # low-rank adapters on the backbone's last blocks (0: none, the paper's frozen backbone)
+    adapter_layers: int = 4  # how many of the last transformer blocks get adapters
+    adapter_targets: str = "all"  # which linear maps of those blocks: all, or attention
     distill_weight: float = 0.0  # weight of the teacher's cross-entropy next to the multinomial likelihood (0: off)
     distill_temperature: float = 0.125  # teacher softmax temperature, in units of its mean best score
     # The teacher's regularisation: between 200 and 1000 EASE's validation score moved under 1% on
@@ -68,6 +74,7 @@ class TrainConfig:
     val_users: int = 2000  # validation users sampled once per run (0: all)
     eval_batch_size: int = 64
     device: str = "auto"
+    autocast: str = "auto"  # bf16 compute of the backbone: auto (CUDA), off, bf16 (also on the CPU)
     resume: bool = False
 
     def validate(self) -> None:
@@ -81,6 +88,7 @@ class TrainConfig:
             (self.content_epochs + self.pretrain_epochs + self.finetune_epochs >= 1, "nothing to train: all epochs are 0"),
             (self.finetune_targets in ("masked", "all"), "--finetune-targets must be masked or all"),
             (0 <= self.anonymous_prompt_ratio < 1, "--anonymous-prompt-ratio must be in [0, 1)"),
+            (0 <= self.unmasked_prompt_ratio <= 1, "--unmasked-prompt-ratio must be in [0, 1]"),
             (self.backbone_layers is None or self.backbone_layers >= 1, "--backbone-layers must be at least 1"),
             (self.pretrain_lr > 0 and self.finetune_lr > 0, "learning rates must be positive"),
             (self.lr_schedule in LR_SCHEDULES, f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}"),
@@ -89,6 +97,9 @@ class TrainConfig:
             (self.weight_decay >= 0, "--weight-decay must not be negative"),
             (self.init in INITIALISERS, f"--init must be one of {', '.join(INITIALISERS)}"),
             (self.init_rank >= 0, "--init-rank must not be negative"),
+            (self.adapter_rank >= 0 and self.adapter_layers >= 1,
+             "--adapter-rank must not be negative and --adapter-layers must be at least 1"),
+            (self.adapter_targets in ADAPTER_TARGETS, f"--adapter-targets must be one of {', '.join(ADAPTER_TARGETS)}"),
             (self.distill_weight >= 0, "--distill-weight must not be negative"),
             (self.distill_temperature > 0, "--distill-temperature must be positive"),
             (self.distill_lambda > 0, "--distill-lambda must be positive"),
@@ -98,6 +109,7 @@ class TrainConfig:
             (self.time_budget >= 0, "--time-budget must not be negative"),
             (self.patience >= 0, "--patience must not be negative (0: no early stopping)"),
             (self.val_users >= 0, "--val-users must not be negative (0: all validation users)"),
+            (self.autocast in AUTOCAST_MODES, f"--autocast must be one of {', '.join(AUTOCAST_MODES)}"),
             (self.eval_batch_size >= 1, "--eval-batch-size must be at least 1"),
         ]
         for ok, message in checks:

@@ -26,6 +26,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import signal
 import time
 from collections.abc import Iterator, Sequence
@@ -42,10 +43,13 @@ from model.batches import collaborative_documents, length_grouped_batches, recom
 from model.cllm4rec import COLLAB, CONTENT, CLLM4Rec, collate_documents, collate_recommend
 from model.config import ConfigError, TrainConfig, resolve_device
 from model.data import Dataset, Split, load_dataset, split_dataset
+from model import distributed
+from model.distributed import Ranks, broadcast_object, broadcast_parameters, share, sum_across, sum_gradients
 from model.evaluate import evaluate_cllm4rec, evaluation_users, sample_users, selection_score
 from model.initialise import initialise
 from model.optimisation import (decay_rows, load_optimizer_tensors, make_optimizers, optimizer_tensors,
                                 scheduled_lr, set_lr)
+from model.precision import autocast, autocast_dtype, slow_bf16_note
 from model.prompts import PromptTemplates, TokenSpace, build_content_documents
 from model.teachers import Teacher, fit_teacher
 
@@ -62,8 +66,10 @@ PASS_VIEW = {"collaborative": COLLAB, "content": CONTENT, "recommend": COLLAB}
 
 class Trainer:
     def __init__(self, config: TrainConfig, dataset: Dataset, split: Split, model: CLLM4Rec, space: TokenSpace,
-                 device: torch.device, out: Path, teacher: Teacher | None = None, started: float | None = None):
+                 device: torch.device, out: Path, teacher: Teacher | None = None, started: float | None = None,
+                 ranks: Ranks = Ranks()):
         self.config = config
+        self.ranks = ranks  # torchrun's processes (model.distributed); rank 0 validates and writes
         self.dataset = dataset
         self.split = split
         self.model = model
@@ -80,12 +86,13 @@ class Trainer:
         self.best_score = -math.inf
         self.best_metrics: dict = {}
         self.bad_epochs = 0
-        self.amp = device.type == "cuda"
+        self.autocast_dtype = autocast_dtype(device, config.autocast)  # bf16 or None (model/precision.py)
         started = time.monotonic() if started is None else started
         self.deadline = started + 60 * config.time_budget if config.time_budget else math.inf
         self.validation_seconds = 0.0  # the last validation's duration: a budget keeps room for one more
         self.finetune_started: float | None = None  # when this process began finetuning (the budget's share)
         self.out_of_time = False
+        self.interrupted = False  # Ctrl-C or SIGTERM under torchrun: every rank stops at the same step
         self.writer = None  # TensorBoard, opened by fit()
         model.input_gradients = config.input_gradients
 
@@ -106,17 +113,23 @@ class Trainer:
         c = self.config
         if name == "recommend":
             examples = recommend_examples(self.space, self.split, c.mask_ratio, c.finetune_targets,
-                                          c.anonymous_prompt_ratio, c.max_history, rng)
-            return [collate_recommend(*zip(*[examples[i] for i in index]), n_items=self.space.n_items)
-                    for index in length_grouped_batches([len(e[0]) for e in examples], c.batch_size, rng)]
+                                          c.anonymous_prompt_ratio, c.max_history, rng, c.unmasked_prompt_ratio)
+            return [collate_recommend(*zip(*[examples[i] for i in index]), n_items=self.space.n_items) if len(index)
+                    else None for index in self.shares([len(e[0]) for e in examples], rng)]
         if name == "collaborative":
             documents = collaborative_documents(self.space, self.split, c.max_history, rng)
             label_offset = self.space.n_words + self.space.n_users
         else:
             documents, label_offset = self.content_documents, 0
         lengths = [len(d.prompt) + len(d.main) for d in documents]
-        return [collate_documents([documents[i] for i in index], label_offset)
-                for index in length_grouped_batches(lengths, c.batch_size, rng)]
+        return [collate_documents([documents[i] for i in index], label_offset) if len(index) else None
+                for index in self.shares(lengths, rng)]
+
+    def shares(self, lengths: Sequence[int], rng: np.random.Generator) -> list[np.ndarray]:
+        """This rank's examples of each step: every rank draws the same batches of batch_size x world
+        examples and takes its share of each (all of it in one process); a share may be empty."""
+        batches = length_grouped_batches(lengths, self.config.batch_size * self.ranks.world, rng)
+        return [share(index, self.ranks) for index in batches]
 
     def with_teacher(self, batch):
         """The batch with the teacher's targets: distill_weight x (the prompt's number of targets) x the
@@ -129,9 +142,40 @@ class Trainer:
         return dataclasses.replace(batch, teacher=weights * self.teacher.distribution(batch.histories,
                                                                                      c.distill_temperature))
 
-    def train_step(self, name: str, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward (bf16 autocast on CUDA), backward and Adam on one batch; returns (nll, regularization),
-        both summed over the batch (nll includes the distillation term when there is a teacher)."""
+    def train_step(self, name: str, batch, n_targets: float | None = None, n_documents: float | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward (bf16 autocast where --autocast says), backward and Adam on one batch; returns (nll,
+        regularization), both summed over the batch (nll includes the distillation term when there is a
+        teacher).
+
+        n_targets and n_documents count the whole step, all ranks' shares (model.distributed; default:
+        the batch's own): the loss is divided by them and the ranks' gradients are summed. `batch` is
+        None for a rank whose share of the step is empty: it adds nothing and still takes the step."""
+        if batch is not None:
+            n_targets = batch.n_targets if n_targets is None else n_targets
+            n_documents = len(batch.input_ids) if n_documents is None else n_documents
+        view = PASS_VIEW[name]
+        for optimizer in self.optimizers[view]:
+            optimizer.zero_grad(set_to_none=True)
+        if batch is None:
+            nll = reg = torch.zeros((), device=self.device)
+        else:
+            nll, reg = self.backward(name, batch, n_targets, n_documents)
+        sparse = [p for o in self.optimizers[view] if isinstance(o, torch.optim.SparseAdam)
+                  for g in o.param_groups for p in g["params"]]
+        dense = [p for o in self.optimizers[view] if not isinstance(o, torch.optim.SparseAdam)
+                 for g in o.param_groups for p in g["params"]]
+        sum_gradients(dense, sparse, self.ranks)
+        for optimizer in self.optimizers[view]:
+            optimizer.step()
+        weight_decay = self.config.weight_decay if view == COLLAB else 0.0
+        if weight_decay:  # of the rows the step trained, every rank's: those with a gradient
+            decay_rows([(t, t.weight.grad.coalesce().indices()[0]) for t in self.model.tables(view)
+                        if t.sparse and t.weight.grad is not None],
+                       self.optimizers[view][0].param_groups[0]["lr"], weight_decay)
+        return nll, reg
+
+    def backward(self, name: str, batch, n_targets: float, n_documents: float) -> tuple[torch.Tensor, torch.Tensor]:
         view = PASS_VIEW[name]
         nll_of = {"collaborative": self.model.collaborative_nll, "content": self.model.content_nll,
                   "recommend": self.model.recommend_nll}[name]
@@ -140,40 +184,51 @@ class Trainer:
         moved = dataclasses.replace(batch, **{f.name: getattr(batch, f.name).to(self.device)
                                               for f in dataclasses.fields(batch)
                                               if isinstance(getattr(batch, f.name), torch.Tensor)})
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+        with autocast(self.device, self.autocast_dtype):
             nll = nll_of(moved)
             reg = self.model.mutual_regularization(view, moved.users, moved.items)
-            loss = stage_loss(nll, reg, batch.n_targets, len(batch.input_ids), self.config.lambda_v)
-        for optimizer in self.optimizers[view]:
-            optimizer.zero_grad(set_to_none=True)
+            loss = stage_loss(nll, reg, n_targets, n_documents, self.config.lambda_v)
         loss.backward()
-        for optimizer in self.optimizers[view]:
-            optimizer.step()
-        users, items = self.model.tables(view)
-        lr = self.optimizers[view][0].param_groups[0]["lr"]
-        decay_rows([(t, i) for t, i in ((users, moved.users), (items, moved.items)) if t.sparse], lr,
-                   self.config.weight_decay if view == COLLAB else 0.0)
         return nll.detach(), reg.detach()
 
-    def finetune_lr(self) -> float:
+    def finetune_lr(self, time_progress: float) -> float:
         """This step's finetuning lr: warm-up, then constant or cosine over the finetuning epochs or,
-        with a time budget, over the time left, whichever runs out first."""
+        with a time budget, over the time left (time_progress, agreed by the ranks), whichever runs out first."""
         c = self.config
+        steps_per_epoch = math.ceil(len(self.split.train) / (c.batch_size * self.ranks.world))
+        progress = max(self.finetune_steps / max(c.finetune_epochs * steps_per_epoch, 1), time_progress)
+        return scheduled_lr(c.finetune_lr, c.lr_schedule, self.finetune_steps, c.warmup_steps, progress, c.lr_floor)
+
+    def budget_progress(self) -> float:
+        """The share of the time budget that finetuning has used (0 without a budget)."""
         now = time.monotonic()
         if self.finetune_started is None:
             self.finetune_started = now
-        since = self.finetune_started
-        steps_per_epoch = math.ceil(len(self.split.train) / c.batch_size)
-        progress = self.finetune_steps / max(c.finetune_epochs * steps_per_epoch, 1)
-        if math.isfinite(self.deadline):
-            progress = max(progress, (now - since) / max(self.deadline - since, 1e-9))
-        return scheduled_lr(c.finetune_lr, c.lr_schedule, self.finetune_steps, c.warmup_steps, progress, c.lr_floor)
+        if not math.isfinite(self.deadline):
+            return 0.0
+        return (now - self.finetune_started) / max(self.deadline - self.finetune_started, 1e-9)
 
     def time_is_up(self) -> bool:
         """Past the budget once the time for one more validation is set aside."""
         if time.monotonic() + self.validation_seconds >= self.deadline:
             self.out_of_time = True
         return self.out_of_time
+
+    def agree(self, batch, name: str) -> tuple[float, float, float] | None:
+        """The step's (targets, documents, budget progress) over all ranks, from one all-reduce that also
+        carries each rank's stop votes: None when the time budget is up (on every rank alike), and
+        KeyboardInterrupt on every rank alike when any was interrupted."""
+        n_targets = batch.n_targets if batch is not None else 0
+        n_documents = len(batch.input_ids) if batch is not None else 0
+        progress = self.budget_progress() if name == "recommend" else 0.0
+        targets, documents, progress, late, interrupted = sum_across(
+            [n_targets, n_documents, progress, self.time_is_up(), self.interrupted], self.ranks, self.device)
+        if interrupted:
+            raise KeyboardInterrupt
+        if late:
+            self.out_of_time = True
+            return None
+        return targets, documents, progress / self.ranks.world
 
     def run_pass(self, name: str, rng: np.random.Generator, lr: float) -> dict:
         batches = self.batches(name, rng)
@@ -184,25 +239,32 @@ class Trainer:
         n_documents = 0
         start = time.perf_counter()
         # Progress bars on a terminal only; logs get the one line per epoch that fit() prints.
-        bar = tqdm(batches, desc=f"epoch {self.epoch + 1} {name}", leave=False, dynamic_ncols=True, disable=None)
+        bar = tqdm(batches, desc=f"epoch {self.epoch + 1} {name}", leave=False, dynamic_ncols=True,
+                   disable=None if self.ranks.is_main else True)
         for batch in bar:
-            if self.time_is_up():
+            agreed = self.agree(batch, name)
+            if agreed is None:
                 break
+            step_targets, step_documents, progress = agreed
             if name == "recommend":
-                set_lr(optimizers, self.finetune_lr())
-            nll, reg = self.train_step(name, batch)
+                set_lr(optimizers, self.finetune_lr(progress))
+            nll, reg = self.train_step(name, batch, step_targets, step_documents)
             if name == "recommend":
                 self.finetune_steps += 1
             total_nll += float(nll)
             total_reg += float(reg)
-            total_targets += batch.n_targets
-            total_tokens += batch.n_tokens
-            n_documents += len(batch.input_ids)
+            if batch is not None:
+                total_targets += batch.n_targets
+                total_tokens += batch.n_tokens
+                n_documents += len(batch.input_ids)
             elapsed = time.perf_counter() - start
             bar.set_postfix(nll=f"{total_nll / max(total_targets, 1):.3f}",
                             tok_s=f"{total_tokens / max(elapsed, 1e-9):.0f}")
         bar.close()
         elapsed = time.perf_counter() - start
+        # The pass's figures over all ranks (tokens/s of the whole job).
+        total_nll, total_reg, total_targets, total_tokens, n_documents = sum_across(
+            [total_nll, total_reg, total_targets, total_tokens, n_documents], self.ranks, self.device)
         return {
             "nll_per_target": total_nll / max(total_targets, 1),  # per predicted item or word (+ distillation)
             "regularization_per_document": total_reg / max(n_documents, 1),
@@ -228,11 +290,15 @@ class Trainer:
         return passes
 
     def validate(self) -> dict:
-        self.model.eval()  # scoring computes in bf16 on CUDA, as the server does (score_prompts)
-        started = time.monotonic()
-        metrics = evaluate_cllm4rec(self.model, self.space, self.split, "val", self.val_users,
-                                    self.config.max_history, self.config.eval_batch_size)
-        self.validation_seconds = time.monotonic() - started
+        """Rank 0 scores the validation users; every rank gets its metrics (and how long it took)."""
+        metrics = None
+        if self.ranks.is_main:
+            self.model.eval()  # scoring computes in bf16 on CUDA, as the server does (score_prompts)
+            started = time.monotonic()
+            metrics = evaluate_cllm4rec(self.model, self.space, self.split, "val", self.val_users,
+                                        self.config.max_history, self.config.eval_batch_size)
+            self.validation_seconds = time.monotonic() - started
+        metrics, self.validation_seconds = broadcast_object((metrics, self.validation_seconds), self.ranks)
         return metrics
 
     # --- saving ----------------------------------------------------------------------------------
@@ -290,13 +356,13 @@ class Trainer:
             print(f"all {len(schedule)} epochs already done")
         first_finetune = schedule.index("finetune") if "finetune" in schedule else len(schedule)
         seconds: dict[str, list[float]] = {}  # per stage, for the time-left estimate
-        self.writer = SummaryWriter(str(self.out / TENSORBOARD_DIR))
+        self.writer = SummaryWriter(str(self.out / TENSORBOARD_DIR)) if self.ranks.is_main else None
         try:
             for stage in schedule[self.epoch :]:
                 if stage == "finetune" and self.config.patience and self.bad_epochs >= self.config.patience:
                     print(f"early stop: no improvement in {self.bad_epochs} epochs")
                     break
-                if self.time_is_up():
+                if self.agree(None, stage) is None:  # the time budget, as every rank sees it
                     break
                 if self.epoch == first_finetune:  # finetuning starts with fresh Adam moments
                     self.optimizers[COLLAB] = self.new_optimizers(COLLAB)
@@ -310,7 +376,8 @@ class Trainer:
                 print(f"time budget of {self.config.time_budget:g} min reached after epoch {self.epoch}; "
                       f"the best checkpoint (epoch {self.best_metrics.get('epoch')}) is in {self.out}")
         finally:
-            self.writer.close()
+            if self.writer is not None:
+                self.writer.close()
         return self.best_metrics
 
     def end_epoch(self, stage: str, passes: dict, metrics: dict | None, schedule: list[str],
@@ -322,12 +389,16 @@ class Trainer:
         improved = score is not None and score > self.best_score
         record = {"epoch": self.epoch, "stage": stage, "passes": passes, "val": metrics, "score": score,
                   "best": improved, "partial": self.out_of_time, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        with defer_interrupt():
+        if improved:
+            self.best_score, self.best_metrics = score, {"epoch": self.epoch, "stage": stage, "val": metrics}
+        if stage == "finetune":
+            self.bad_epochs = 0 if improved else self.bad_epochs + 1
+        if not self.ranks.is_main:
+            return
+        # Under torchrun Ctrl-C only raises a flag (train()), so there is nothing to defer.
+        with defer_interrupt() if not self.ranks.parallel else contextlib.nullcontext():
             if improved:
-                self.best_score, self.best_metrics = score, {"epoch": self.epoch, "stage": stage, "val": metrics}
                 self.save_best(self.best_metrics)
-            if stage == "finetune":
-                self.bad_epochs = 0 if improved else self.bad_epochs + 1
             self.save_state()
             ckpt.append_metrics(self.out, record)
         for name, values in passes.items():
@@ -381,10 +452,26 @@ def defer_interrupt() -> Iterator[None]:
 
 
 def train(config: TrainConfig) -> dict:
-    """Train from config.data into config.out; returns the best validation metrics."""
-    started = time.monotonic()  # a time budget counts data loading, the teacher and initialisation too
+    """Train from config.data into config.out; returns the best validation metrics.
+
+    Under torchrun every process runs this, as one rank of a data-parallel job (model.distributed):
+    rank 0 prints, validates, writes and returns the metrics (the other ranks return {}); Ctrl-C and
+    SIGTERM raise a flag that all ranks act on at the same step."""
     config.validate()
     device = resolve_device(config.device)
+    ranks = distributed.start(device.type)
+    try:
+        if ranks.is_main:
+            return _train(config, ranks.device(device), ranks)
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # progress is rank 0's to print
+            _train(config, ranks.device(device), ranks)
+        return {}
+    finally:
+        distributed.stop(ranks)
+
+
+def _train(config: TrainConfig, device: torch.device, ranks: Ranks) -> dict:
+    started = time.monotonic()  # a time budget counts data loading, the teacher and initialisation too
     out = Path(config.out)
     if not config.resume and (out / ckpt.META_FILE).exists():
         raise ConfigError(f"{out} already holds a checkpoint: pass --resume to continue it, or another --out")
@@ -399,6 +486,11 @@ def train(config: TrainConfig) -> dict:
     backbone, tokenizer = load_backbone(config.backbone, config.backbone_layers, device)
     torch.manual_seed(config.seed)
     model = CLLM4Rec(backbone, dataset.n_users, dataset.n_items, config.init_std).to(device)
+    if config.adapter_rank:
+        try:
+            model.attach_adapters(config.adapter_rank, config.adapter_layers, config.adapter_targets)
+        except ValueError as e:  # a backbone without nn.Linear maps to adapt
+            raise ConfigError(str(e)) from e
     space = TokenSpace(tokenizer, model.n_words, dataset.n_users, dataset.n_items, PromptTemplates())
     if not config.resume:
         print(initialise(model, config.init, tokenizer, dataset, split, config.init_rank or model.hidden_size,
@@ -414,7 +506,7 @@ def train(config: TrainConfig) -> dict:
               f"the training part in "
               f"{time.monotonic() - teacher_started:.0f} s; mean best score {teacher.top1:.4g}")
     out.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(config, dataset, split, model, space, device, out, teacher, started)
+    trainer = Trainer(config, dataset, split, model, space, device, out, teacher, started, ranks)
     if not config.content:
         print("content LM off (--no-content): only the collaborative and recommendation stages run")
     elif not trainer.content_documents:
@@ -423,6 +515,9 @@ def train(config: TrainConfig) -> dict:
         # Measured on SmolLM2: title words cost 17-20 nats each from the first 4-16 layers, 4.8 from all 30.
         print(f"note: the frozen LM head reads layer {config.backbone_layers}, not the last one; its word "
               "predictions are poor there, so the content LM teaches little (consider --no-content)")
+    note = slow_bf16_note(device, trainer.autocast_dtype)
+    if note:
+        print(note)
     if device.type == "cuda" and config.batch_size < GPU_FLAT_BATCH:
         print(f"note: on a GPU a step of the backbone is bound by kernel launches: it took about as long at "
               f"batch {GPU_FLAT_BATCH} as at 32 on an H200; a larger --batch-size (256+) trains faster per "
@@ -430,6 +525,15 @@ def train(config: TrainConfig) -> dict:
     if config.resume:
         trainer.restore_state()
         print(f"resuming after epoch {trainer.epoch}")
+    # Every rank starts from rank 0's tokens (initialisation is seeded, this makes sure).
+    broadcast_parameters([p for p in model.parameters() if p.requires_grad], ranks)
+    if ranks.parallel:
+        def stop_together(*_):
+            trainer.interrupted = True
+        signal.signal(signal.SIGINT, stop_together)
+        signal.signal(signal.SIGTERM, stop_together)
+        print(f"data parallel: {ranks.world} ranks ({torch.distributed.get_backend()}), "
+              f"{config.batch_size} examples each per step")
     print(f"backbone {config.backbone} ({backbone.config.num_hidden_layers} layers) on {device}; "
           f"{len(trainer.content_documents)} content documents; checkpoint: {out}")
     try:

@@ -179,6 +179,29 @@ def test_train_checkpoint_demo_builds_the_quickstart_model_without_serving(tmp_p
     assert sorted(p.name for p in root.iterdir()) == ["demo"] and (root / "demo" / "checkpoint.json").exists()
 
 
+def test_train_checkpoint_trains_one_checkpoint_from_two_pods_of_the_multi_node_job(tmp_path, synthetic_data,
+                                                                                   tiny_llama):
+    """The multi-node Job's two pods, as two processes on this machine sharing the checkpoints root:
+    torchrun's c10d rendezvous joins them, pod 0 alone renames the finished checkpoint into place."""
+    options = ["--backbone", tiny_llama, "--content-epochs", "0", "--pretrain-epochs", "0", "--finetune-epochs", "2",
+               "--val-users", "20", "--batch-size", "16"]
+    torchrun = (f"--nnodes 2 --nproc-per-node 1 --max-restarts 0 --rdzv-backend c10d --rdzv-id test "
+                f"--rdzv-endpoint 127.0.0.1:{free_port()}")
+    pods = [subprocess.Popen(["sh", str(TRAIN_CHECKPOINT), "multi", str(synthetic_data), *map(str, options)],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env=clean_env(CLLM4REC_CHECKPOINTS_ROOT=str(tmp_path), TORCHRUN_ARGS=torchrun,
+                                           JOB_COMPLETION_INDEX=str(index), OMP_NUM_THREADS="1"))
+            for index in (0, 1)]
+    outputs = [pod.communicate(timeout=300)[0] for pod in pods]
+    assert [pod.returncode for pod in pods] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    # Rank 0 (progress, checkpoint) is on whichever pod joined the rendezvous first; pod 0 renames.
+    assert sum("data parallel: 2 ranks (gloo)" in output for output in outputs) == 1
+    assert "is ready" in outputs[0] and "is ready" not in outputs[1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["multi"]
+    records = (tmp_path / "multi" / "metrics.jsonl").read_text().splitlines()
+    assert len(records) == 2 and read_checkpoint(tmp_path / "multi").meta["n_users"] > 0
+
+
 def test_train_checkpoint_fails_when_training_fails(tmp_path):
     result = train_checkpoint(tmp_path, "broken", tmp_path / "no-such-dataset")
     assert result.returncode != 0
@@ -525,6 +548,31 @@ def test_optional_components_build_validate_and_match_the_api(tmp_path, overlay_
     api = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
     url = next(e for e in api["env"] if e["name"] == "CLLM4REC_REDIS_URL")
     assert url["valueFrom"]["secretKeyRef"] == {"name": "cllm4rec-redis", "key": "url"}
+
+
+def test_multi_node_training_component_meets_through_pod_zero(tmp_path):
+    docs = build_with_components(tmp_path, "gpu", ("multi-node-training",))
+    kubernetes_validate(docs, tmp_path)
+    job = one(docs, "Job", "cllm4rec-train-multinode")
+    spec, pod = job["spec"], job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert spec["completionMode"] == "Indexed" and spec["suspend"] is True
+    assert spec["completions"] == spec["parallelism"]
+    torchrun = next(e["value"] for e in container["env"] if e["name"] == "TORCHRUN_ARGS").split()
+    assert torchrun[torchrun.index("--nnodes") + 1] == str(spec["completions"])
+    per_node = int(torchrun[torchrun.index("--nproc-per-node") + 1])
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == per_node  # one rank per GPU
+    # The rendezvous endpoint is pod 0's name under the headless Service, which selects the Job's pods.
+    service = one(docs, "Service", pod["subdomain"])
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["selector"] == {"job-name": job["metadata"]["name"]}
+    host, port = torchrun[torchrun.index("--rdzv-endpoint") + 1].split(":")
+    assert host == f"{job['metadata']['name']}-0.{service['metadata']['name']}"
+    assert int(port) in {p["port"] for p in service["spec"]["ports"]}
+    # Every pod reads the dataset and writes the one checkpoint directory.
+    data = one(docs, "PersistentVolumeClaim", "cllm4rec-data")
+    assert data["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert container["command"][-1] == "train-checkpoint"
 
 
 def test_validation_catches_a_broken_manifest(tmp_path):

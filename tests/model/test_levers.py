@@ -278,3 +278,56 @@ def test_without_input_gradients_nothing_flows_back_through_the_backbone(tiny_ll
         model.recommend_nll(batch).backward()
         assert (model.collab_users.weight.grad is not None) == through_backbone  # users appear only as inputs
         assert model.collab_items.weight.grad is not None  # the tied head trains the items either way
+
+
+# --- low-rank adapters on the backbone --------------------------------------------------------------
+
+def test_adapters_start_as_the_frozen_backbone_and_train_only_their_low_rank_part(tiny_llama):
+    from model.cllm4rec import collate_recommend
+    from model.prompts import PromptTemplates, TokenSpace, build_recommend_prompt
+
+    backbone, tokenizer = load_backbone(str(tiny_llama))
+    torch.manual_seed(0)
+    model = CLLM4Rec(backbone, 4, 6)
+    space = TokenSpace(tokenizer, model.n_words, 4, 6, PromptTemplates())
+    batch = collate_recommend([build_recommend_prompt(space, u, [u], 10) for u in range(4)],
+                              [[u + 1] for u in range(4)], list(range(4)), [[u] for u in range(4)], 6)
+    with torch.no_grad():
+        before = model.prompt_item_logits(batch.input_ids, batch.attention_mask)
+    frozen = {name: p.clone() for name, p in model.backbone.named_parameters()}
+    model.attach_adapters(rank=2, n_layers=1)
+    # Only the last block is adapted: its linear maps (attention and MLP) and nothing before it.
+    assert model.adapters and all(name.startswith("1.") for name in model.adapters)
+    with torch.no_grad():
+        assert torch.equal(model.prompt_item_logits(batch.input_ids, batch.attention_mask), before)
+    optimizer = torch.optim.Adam(model.head_parameters(bias=False), lr=1e-2)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model.recommend_nll(batch).backward()
+        optimizer.step()
+    with torch.no_grad():
+        assert not torch.allclose(model.prompt_item_logits(batch.input_ids, batch.attention_mask), before)
+    for name, p in model.backbone.named_parameters():
+        if name in frozen:
+            assert torch.equal(p, frozen[name]), name  # the backbone's own weights never move
+
+
+def test_trained_adapters_are_saved_and_served_with_the_same_scores(data, tiny_llama, tmp_path):
+    from model.evaluate import cllm4rec_scorer
+
+    out = tmp_path / "adapted"
+    train(quick_config(data, out, tiny_llama, adapter_rank=2, adapter_layers=1))
+    checkpoint = read_checkpoint(out)
+    assert checkpoint.meta["adapters"] == {"rank": 2, "layers": 1, "targets": "all"}
+    ups = [t for name, t in checkpoint.embeddings.items() if name.startswith("adapter.") and name.endswith(".up")]
+    assert ups and any(float(t.abs().max()) > 0 for t in ups)  # trained away from the zero start
+    recommender = load_recommender(out, "cpu")
+    assert recommender.model.adapters
+    split = recommender.checkpoint.split
+    users = [u for u, items in enumerate(split.val) if len(items)][:4]
+    with_adapters = cllm4rec_scorer(recommender.model, recommender.space, split, "val", recommender.max_history)(users)
+    for adapter in recommender.model.adapters.values():
+        adapter.up.data.zero_()
+    without = cllm4rec_scorer(recommender.model, recommender.space, split, "val", recommender.max_history)(users)
+    assert not torch.allclose(torch.as_tensor(with_adapters), torch.as_tensor(without))
+
