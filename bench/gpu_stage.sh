@@ -17,7 +17,8 @@ gguf_name=SmolLM2-135M-Instruct.Q4_1.gguf
 # that the device image lacks, at the versions `make install` resolves here.
 wheels=(fastapi==0.165.0 starlette==1.10.0 pydantic==2.14.4 pydantic_core==2.50.5 pydantic-settings==2.16.3
         python-dotenv==1.2.4 uvicorn==0.54.0 redis==8.1.0 gguf==0.19.0 tensorboardX==2.6.5
-        annotated-types==0.8.0 typing-inspection==0.4.5 annotated-doc==0.0.7 typing_extensions==4.16.0)
+        annotated-types==0.8.0 typing-inspection==0.4.5 annotated-doc==0.0.7 typing_extensions==4.16.0
+        opentelemetry-api==1.45.2)
 
 case ${1:-} in
 pack)

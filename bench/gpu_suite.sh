@@ -10,10 +10,13 @@
 # launches (about 100 ms of CPU per step against 10 ms of GPU at 30 layers, docs/benchmarks.md), so
 # four processes with 4 CPU threads each share one GPU and 16 cores with little loss; their times
 # are not solo times. The runs:
-#   paper-short    the paper's recipe at full depth, its pretraining cut to 1 + 2 epochs
-#   cpu-30-b128    the cpu recipe's levers at full depth (30 layers), batch 128
-#   cpu-30-b512    the same at batch 512 (a launch-bound step costs about the same at 4x the data)
-#   cpu            the cpu recipe unchanged (4 layers, batch 32): where it goes without the CPU's clock
+#   gpu            --recipe gpu (the cpu recipe's levers at full depth, batch 512)
+#   gpu-lora32     the same with rank-32 adapters on the last 4 blocks: better per epoch on the CPU,
+#                  too slow there at equal time (docs/training.md); on a GPU epochs are cheap
+#   gpu-lora32-all the same with adapters on all 30 blocks
+#   gpu-unmasked   --recipe gpu --unmasked-prompt-ratio 1.0 (the served prompt towards the teacher)
+# (Measured on 2026-11-27 with the same script: paper-short 0.0380, the cpu recipe's 4 layers 0.1095,
+# cpu levers at 30 layers batch 128 0.1279 and batch 512 0.1283 test Recall@20; docs/benchmarks.md.)
 # Every log lands in LOG_DIR (train-ARM.log, metrics-ARM.jsonl, evaluate-ARM.json, cuda-tests.log).
 set -u
 data=$1
@@ -23,10 +26,10 @@ runs=$(mktemp -d)
 mkdir -p "$logs"
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=4
 declare -A arms=(
-  [paper-short]="--recipe paper --content-epochs 1 --pretrain-epochs 2 --batch-size 128"
-  [cpu-30-b128]="--recipe cpu --backbone-layers 30 --batch-size 128"
-  [cpu-30-b512]="--recipe cpu --backbone-layers 30 --batch-size 512"
-  [cpu]="--recipe cpu"
+  [gpu]="--recipe gpu"
+  [gpu-lora32]="--recipe gpu --adapter-rank 32"
+  [gpu-lora32-all]="--recipe gpu --adapter-rank 32 --adapter-layers 30"
+  [gpu-unmasked]="--recipe gpu --unmasked-prompt-ratio 1.0"
 )
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader

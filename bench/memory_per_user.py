@@ -3,11 +3,12 @@
     python bench/memory_per_user.py --users 20000 80000 --items 2000 8000
 
 Generates datasets that differ only in their user count (then only in their item count), trains
-each for a few steps (`cllm4rec train` with a short --time-budget: the tables, the optimizers'
-moments after their first step, the data and its prompts) and loads the checkpoint as the server
-does (load_recommender: the collaborative tables only). Each in its own process; the figure is the
-peak resident memory (ru_maxrss). The slope between two sizes is the cost per user (per item), the
-fixed part (backbone, Python, torch) cancels. Prints a table; docs/deployment.md uses it.
+each for one epoch (`cllm4rec train`, one backbone layer, no content LM: the tables, the optimizers'
+moments once every row has had a step, the data and its prompts) and loads the checkpoint as the
+server does (load_recommender: the collaborative tables only), then reads every row once, as a
+server that has served every user has. Each in its own process; the figure is the peak resident
+memory (ru_maxrss). The slope between two sizes is the cost per user (per item), the fixed part
+(backbone, Python, torch) cancels. Prints a table; docs/deployment.md uses it.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from pathlib import Path
 from model.synthetic import write_synthetic_dataset
 
 TRAIN = ["--backbone-layers", "1", "--content-epochs", "0", "--pretrain-epochs", "0", "--finetune-epochs", "1",
-         "--time-budget", "0.05", "--val-users", "50", "--distill-weight", "0", "--no-content", "--autocast", "off"]
+         "--val-users", "50", "--distill-weight", "0", "--no-content", "--autocast", "off"]
 LOAD = ("import json, resource, sys, torch; from model.checkpoint import load_recommender; "
         "r = load_recommender(sys.argv[1], 'cpu', getattr(torch, sys.argv[2])); "
+        "[float(p.float().sum()) for p in r.model.parameters()]; "
         "print(json.dumps({'rss': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))")
 
 

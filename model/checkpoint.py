@@ -120,10 +120,16 @@ def model_tensors(model: CLLM4Rec) -> dict[str, torch.Tensor]:
 
 
 def load_model_tensors(model: CLLM4Rec, tensors: dict[str, torch.Tensor]) -> None:
-    """The inverse of model_tensors; head parameters a format-1 checkpoint lacks keep the paper's head."""
+    """The inverse of model_tensors; head parameters a format-1 checkpoint lacks keep the paper's head.
+
+    The tables take the given tensors' storage (converted where device or dtype differ) rather than a
+    copy: a table is the memory per user, and a copy would hold it twice while loading."""
     with torch.no_grad():
         for name in TABLES if model.content_view else SCORING_TABLES:
-            getattr(model, name).weight.copy_(tensors[name])
+            weight = getattr(model, name).weight
+            if weight.shape != tensors[name].shape:
+                raise RuntimeError(f"{name} has shape {tuple(tensors[name].shape)}, the model {tuple(weight.shape)}")
+            weight.data = tensors[name].to(weight.device, weight.dtype)
         for name in HEAD:
             if name in tensors:
                 getattr(model, name).copy_(tensors[name])
@@ -291,7 +297,7 @@ def build_model(checkpoint: Checkpoint, backbone_model, tokenizer) -> tuple[CLLM
             f"backbone {meta['backbone']['name']!r} has {word_embeddings.num_embeddings} words of width "
             f"{word_embeddings.embedding_dim}; the checkpoint was trained on {meta['backbone']['n_words']} "
             f"of width {meta['backbone']['hidden_size']}")
-    model = CLLM4Rec(backbone_model, meta["n_users"], meta["n_items"],
+    model = CLLM4Rec(backbone_model, meta["n_users"], meta["n_items"], init_std=None,
                      content_view=all(name in checkpoint.embeddings for name in TABLES))
     if meta.get("adapters"):
         try:
@@ -326,6 +332,7 @@ def load_recommender(directory: str | Path, device: str | torch.device | None = 
     backbone = checkpoint.meta["backbone"]
     backbone_model, tokenizer = load_backbone(backbone["name"], backbone["layers"], device, dtype)
     model, space = build_model(checkpoint, backbone_model, tokenizer)
+    checkpoint.embeddings.clear()  # the model holds them now: a second copy would double the memory per user
     popularity = np.bincount(np.concatenate(checkpoint.split.train), minlength=checkpoint.meta["n_items"])
     return Recommender(
         checkpoint=checkpoint,

@@ -113,11 +113,12 @@ def collate_recommend(prompts: Sequence[list[int]], targets: Sequence[Sequence[i
 
 
 class CLLM4Rec(nn.Module):
-    def __init__(self, backbone: nn.Module, n_users: int, n_items: int, init_std: float = 0.02,
+    def __init__(self, backbone: nn.Module, n_users: int, n_items: int, init_std: float | None = 0.02,
                  content_view: bool = True):
         """content_view=False: a model for scoring alone (serving, evaluation), whose content tables are
         empty; scores only ever read the collaborative view, and the content tables are half of the
-        per-user memory."""
+        per-user memory. init_std=None leaves the tables unwritten (never resident in memory) for a
+        checkpoint's tensors to replace (model.checkpoint.load_model_tensors)."""
         super().__init__()
         self.backbone = backbone
         self.backbone.requires_grad_(False)
@@ -129,13 +130,17 @@ class CLLM4Rec(nn.Module):
         # Sparse gradients where a table is only looked up: a step then updates the rows in the
         # batch, not the whole catalogue. collab_items is also the item head, where every item
         # gets a gradient, so it stays dense.
-        self.collab_users = nn.Embedding(n_users, hidden, sparse=True)
-        self.collab_items = nn.Embedding(n_items, hidden)
+        def table(rows: int, sparse: bool) -> nn.Embedding:  # _weight: skip nn.Embedding's own initialisation
+            return nn.Embedding(rows, hidden, sparse=sparse, _weight=torch.empty(rows, hidden))
+
+        self.collab_users = table(n_users, sparse=True)
+        self.collab_items = table(n_items, sparse=False)
         self.content_view = content_view
-        self.content_users = nn.Embedding(n_users if content_view else 0, hidden, sparse=True)
-        self.content_items = nn.Embedding(n_items if content_view else 0, hidden, sparse=True)
-        for table in self.tables(COLLAB) + self.tables(CONTENT):
-            nn.init.normal_(table.weight, std=init_std)
+        self.content_users = table(n_users if content_view else 0, sparse=True)
+        self.content_items = table(n_items if content_view else 0, sparse=True)
+        if init_std is not None:
+            for embedding in self.tables(COLLAB) + self.tables(CONTENT):
+                nn.init.normal_(embedding.weight, std=init_std)
         self.item_bias = nn.Parameter(torch.zeros(n_items))
         self.logit_scale = nn.Parameter(torch.ones(()))
         self.head_projection = nn.Parameter(torch.eye(hidden))

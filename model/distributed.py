@@ -106,7 +106,8 @@ def sum_gradients(dense: Iterable[torch.Tensor], sparse: Iterable[torch.Tensor],
         dist.all_reduce(p.grad)
     for p in sparse:
         grad = p.grad if p.grad is not None else torch.sparse_coo_tensor(
-            torch.zeros((1, 0), dtype=torch.long, device=p.device), p.new_zeros((0, *p.shape[1:])), p.shape)
+            torch.zeros((1, 0), dtype=torch.long, device=p.device), p.new_zeros((0, *p.shape[1:])), p.shape,
+            check_invariants=False)
         p.grad = _sum_sparse(grad.coalesce(), ranks)
 
 
@@ -125,7 +126,8 @@ def _sum_sparse(grad: torch.Tensor, ranks: Ranks) -> torch.Tensor:
     dist.all_gather(all_values, padded_values)
     rows = torch.cat([r[: int(n)] for r, n in zip(all_rows, sizes)])
     values = torch.cat([v[: int(n)] for v, n in zip(all_values, sizes)])
-    return torch.sparse_coo_tensor(rows[None], values, grad.shape).coalesce()
+    # Rows from torch's own gradients are valid by construction: no invariant checks (their cost, their warning).
+    return torch.sparse_coo_tensor(rows[None], values, grad.shape, check_invariants=False).coalesce()
 
 
 def broadcast_parameters(parameters: Iterable[torch.Tensor], ranks: Ranks) -> None:

@@ -71,5 +71,9 @@ def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, 
     state: dict[int, dict] = {}
     for name, value in tensors.items():
         index, key = name.split(".", 1)
+        if key == "step" and value.dtype == torch.int64:
+            # SparseAdam counts steps in a Python int (saved as an int64 tensor): a tensor would turn its
+            # bias correction into float32 arithmetic, and a resumed run would drift from an unbroken one.
+            value = int(value)
         state.setdefault(int(index), {})[key] = value
     optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})

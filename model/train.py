@@ -29,7 +29,7 @@ import math
 import os
 import signal
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +63,23 @@ PASS_VIEW = {"collaborative": COLLAB, "content": CONTENT, "recommend": COLLAB}
 
 
 # --- the loop ------------------------------------------------------------------------------------
+
+class EpochBatches(Sequence):
+    """An epoch's batches, each collated when it is taken (None for an empty share): a recommendation
+    batch's targets are a dense [batch, items] matrix, and a whole epoch of them would hold users x
+    items floats at once (640 MB at 20k users and 8k items, measured)."""
+
+    def __init__(self, shares: list[np.ndarray], collate: Callable[[np.ndarray], object]):
+        self.shares, self.collate = shares, collate
+
+    def __len__(self) -> int:
+        return len(self.shares)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return self.collate(self.shares[i]) if len(self.shares[i]) else None
+
 
 class Trainer:
     def __init__(self, config: TrainConfig, dataset: Dataset, split: Split, model: CLLM4Rec, space: TokenSpace,
@@ -108,22 +125,22 @@ class Trainer:
         return content + pretrain + ["finetune"] * c.finetune_epochs
 
     # --- the three passes: batches, one optimizer step, a pass over an epoch's batches -----------
-    def batches(self, name: str, rng: np.random.Generator) -> list:
+    def batches(self, name: str, rng: np.random.Generator) -> EpochBatches:
         """One epoch's batches of a pass, grouped by length (fresh item order and masks each epoch)."""
         c = self.config
         if name == "recommend":
             examples = recommend_examples(self.space, self.split, c.mask_ratio, c.finetune_targets,
                                           c.anonymous_prompt_ratio, c.max_history, rng, c.unmasked_prompt_ratio)
-            return [collate_recommend(*zip(*[examples[i] for i in index]), n_items=self.space.n_items) if len(index)
-                    else None for index in self.shares([len(e[0]) for e in examples], rng)]
+            return EpochBatches(self.shares([len(e[0]) for e in examples], rng), lambda index: collate_recommend(
+                *zip(*[examples[i] for i in index]), n_items=self.space.n_items))
         if name == "collaborative":
             documents = collaborative_documents(self.space, self.split, c.max_history, rng)
             label_offset = self.space.n_words + self.space.n_users
         else:
             documents, label_offset = self.content_documents, 0
         lengths = [len(d.prompt) + len(d.main) for d in documents]
-        return [collate_documents([documents[i] for i in index], label_offset) if len(index) else None
-                for index in self.shares(lengths, rng)]
+        return EpochBatches(self.shares(lengths, rng),
+                            lambda index: collate_documents([documents[i] for i in index], label_offset))
 
     def shares(self, lengths: Sequence[int], rng: np.random.Generator) -> list[np.ndarray]:
         """This rank's examples of each step: every rank draws the same batches of batch_size x world

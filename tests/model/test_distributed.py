@@ -104,3 +104,14 @@ def test_ctrl_c_stops_every_rank_at_the_same_step_and_keeps_the_checkpoint(synth
     assert "interrupted after epoch" in output, output[-3000:]
     assert "Timeout" not in output and "timed out" not in output
     assert load_recommender(out, "cpu").checkpoint.meta["metrics"]["epoch"] >= 1
+
+
+def test_a_time_budget_ends_every_rank_at_the_same_step(synthetic_data, tiny_llama, tmp_path):
+    out = tmp_path / "budget"
+    result = run_train(synthetic_data, out, tiny_llama, "--finetune-epochs", "10000", "--patience", "0",
+                       "--batch-size", "8", "--time-budget", "0.4", ranks=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "time budget of 0.4 min reached" in result.stdout
+    records = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()]
+    assert records and records[-1]["partial"]  # the cut epoch was validated, by rank 0 alone
+    assert load_recommender(out, "cpu").checkpoint.meta["metrics"]["epoch"] >= 1
