@@ -110,10 +110,14 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     _replace_atomically(path, lambda tmp: save_torch({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp))
 
 
+def tables_of(model: CLLM4Rec) -> tuple[str, ...]:
+    """The tables a model holds: all four, or the scoring ones of a model built without its content view."""
+    return TABLES if model.content_view else SCORING_TABLES
+
+
 def model_tensors(model: CLLM4Rec) -> dict[str, torch.Tensor]:
     """Everything a checkpoint keeps of the model: the four tables and the item head's parameters."""
-    tensors = {name: getattr(model, name).weight.detach().float().cpu()
-               for name in (TABLES if model.content_view else SCORING_TABLES)}
+    tensors = {name: getattr(model, name).weight.detach().float().cpu() for name in tables_of(model)}
     tensors.update({name: getattr(model, name).detach().float().cpu() for name in HEAD})
     tensors.update(adapter_tensors(model.adapters))
     return tensors
@@ -125,7 +129,7 @@ def load_model_tensors(model: CLLM4Rec, tensors: dict[str, torch.Tensor]) -> Non
     The tables take the given tensors' storage (converted where device or dtype differ) rather than a
     copy: a table is the memory per user, and a copy would hold it twice while loading."""
     with torch.no_grad():
-        for name in TABLES if model.content_view else SCORING_TABLES:
+        for name in tables_of(model):
             weight = getattr(model, name).weight
             if weight.shape != tensors[name].shape:
                 raise RuntimeError(f"{name} has shape {tuple(tensors[name].shape)}, the model {tuple(weight.shape)}")
@@ -308,8 +312,8 @@ def build_model(checkpoint: Checkpoint, backbone_model, tokenizer) -> tuple[CLLM
     device = word_embeddings.weight.device
     try:
         load_model_tensors(model, checkpoint.embeddings)
-    except (KeyError, RuntimeError) as e:  # an adapter tensor missing or of another shape
-        raise CheckpointError(f"{checkpoint.path}: {EMBEDDINGS_FILE} does not fit its adapters ({e})") from e
+    except (KeyError, RuntimeError) as e:  # a tensor (a table, an adapter's) missing or of another shape
+        raise CheckpointError(f"{checkpoint.path}: {EMBEDDINGS_FILE} does not fit the model ({e})") from e
     model.to(device=device, dtype=dtype)
     model.eval()
     space = TokenSpace(tokenizer, word_embeddings.num_embeddings, meta["n_users"], meta["n_items"],

@@ -95,11 +95,17 @@ def sum_across(values: Iterable[float], ranks: Ranks, device: torch.device) -> l
     return tensor.tolist()
 
 
-def sum_gradients(dense: Iterable[torch.Tensor], sparse: Iterable[torch.Tensor], ranks: Ranks) -> None:
-    """Replace each parameter's gradient by its sum over ranks; a rank without one (its share of the
-    step was empty) adds zero. `sparse`: the tables whose gradients are row-sparse."""
+def sum_gradients(optimizers: Iterable[torch.optim.Optimizer], ranks: Ranks) -> None:
+    """Replace the gradient of each parameter the optimizers step by its sum over ranks; a rank without
+    one (its share of the step was empty) adds zero. SparseAdam's parameters (the looked-up tables)
+    have row-sparse gradients."""
     if not ranks.parallel:
         return
+    optimizers = list(optimizers)
+    dense = [p for o in optimizers if not isinstance(o, torch.optim.SparseAdam)
+             for g in o.param_groups for p in g["params"]]
+    sparse = [p for o in optimizers if isinstance(o, torch.optim.SparseAdam)
+              for g in o.param_groups for p in g["params"]]
     for p in dense:
         if p.grad is None:
             p.grad = torch.zeros_like(p)

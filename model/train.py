@@ -178,11 +178,7 @@ class Trainer:
             nll = reg = torch.zeros((), device=self.device)
         else:
             nll, reg = self.backward(name, batch, n_targets, n_documents)
-        sparse = [p for o in self.optimizers[view] if isinstance(o, torch.optim.SparseAdam)
-                  for g in o.param_groups for p in g["params"]]
-        dense = [p for o in self.optimizers[view] if not isinstance(o, torch.optim.SparseAdam)
-                 for g in o.param_groups for p in g["params"]]
-        sum_gradients(dense, sparse, self.ranks)
+        sum_gradients(self.optimizers[view], self.ranks)
         for optimizer in self.optimizers[view]:
             optimizer.step()
         weight_decay = self.config.weight_decay if view == COLLAB else 0.0
