@@ -42,11 +42,13 @@ def summary(name: str, args) -> str:
     if not path.exists():
         return f"| {name} | (no epoch finished) | | | | |"
     records = [json.loads(line) for line in path.read_text().splitlines()]
-    validated = [r for r in records[: args.epochs] if r["val"]]
+    validated = [r for r in records if r["val"] and r["epoch"] <= args.epochs]
     best = max(validated, key=lambda r: r["score"])
-    seconds = sum(sum(p["seconds"] for p in r["passes"].values()) for r in validated) / len(validated)
+    epochs = [r for r in validated if "passes" in r]  # not the head's refit (--head-refit)
+    seconds = sum(sum(p["seconds"] for p in r["passes"].values()) for r in epochs) / len(epochs)
     values = " | ".join(f"{best['val'][k]:.4f}" for k in ("recall@20", "recall@40", "ndcg@100"))
-    return f"| {name} | {values} | {best['epoch']} | {seconds:.0f} |"
+    epoch = f"{best['epoch']}" + (" + refit" if best["stage"] == "refit" else "")
+    return f"| {name} | {values} | {epoch} | {seconds:.0f} |"
 
 
 def main() -> None:

@@ -5,7 +5,8 @@
                             sha256 of every file below
     embeddings.safetensors  collab_users, collab_items, content_users, content_items (float32), and the
                             item head's item_bias, logit_scale and head_projection (format 2; format 1
-                            has none: bias 0, scale 1, identity, the paper's head), and the backbone's
+                            has none: bias 0, scale 1, identity, the paper's head) and head_offsets when
+                            the head has them (--head-offsets), and the backbone's
                             low-rank adapters, adapter.<block>.<path>.down/up, when it has them
                             (checkpoint.json's "adapters": rank, blocks and targets)
     split.safetensors       the train/val/test split as (user, item, part) index arrays
@@ -51,6 +52,7 @@ METRICS_FILE = "metrics.jsonl"
 TABLES = ("collab_users", "collab_items", "content_users", "content_items")
 SCORING_TABLES = ("collab_users", "collab_items")  # what scoring reads: the collaborative view
 HEAD = ("item_bias", "logit_scale", "head_projection")
+HEAD_OFFSETS = "head_offsets"  # only in checkpoints of a head with per-item offsets (--head-offsets)
 
 
 class CheckpointError(ValueError):
@@ -119,6 +121,8 @@ def model_tensors(model: CLLM4Rec) -> dict[str, torch.Tensor]:
     """Everything a checkpoint keeps of the model: the four tables and the item head's parameters."""
     tensors = {name: getattr(model, name).weight.detach().float().cpu() for name in tables_of(model)}
     tensors.update({name: getattr(model, name).detach().float().cpu() for name in HEAD})
+    if model.has_head_offsets:
+        tensors[HEAD_OFFSETS] = model.head_offsets.detach().float().cpu()
     tensors.update(adapter_tensors(model.adapters))
     return tensors
 
@@ -137,6 +141,8 @@ def load_model_tensors(model: CLLM4Rec, tensors: dict[str, torch.Tensor]) -> Non
         for name in HEAD:
             if name in tensors:
                 getattr(model, name).copy_(tensors[name])
+        if model.has_head_offsets:
+            model.head_offsets.copy_(tensors[HEAD_OFFSETS])
     load_adapter_tensors(model.adapters, tensors)
 
 
@@ -251,8 +257,9 @@ def read_checkpoint(directory: str | Path, scoring_only: bool = False) -> Checkp
             raise CheckpointError(f"{directory}: {EMBEDDINGS_FILE} has no tensor {name!r}")
         if tuple(tensor.shape) != (rows, hidden):
             raise CheckpointError(f"{directory}: {name} has shape {tuple(tensor.shape)}, expected ({rows}, {hidden})")
-    for name, shape in (("item_bias", (n_items,)), ("logit_scale", ()), ("head_projection", (hidden, hidden))):
-        if version >= 2 and name not in embeddings:
+    for name, shape in (("item_bias", (n_items,)), ("logit_scale", ()), ("head_projection", (hidden, hidden)),
+                        (HEAD_OFFSETS, (n_items, hidden))):
+        if version >= 2 and name not in embeddings and name != HEAD_OFFSETS:
             raise CheckpointError(f"{directory}: {EMBEDDINGS_FILE} has no tensor {name!r}")
         if name in embeddings and tuple(embeddings[name].shape) != shape:
             raise CheckpointError(f"{directory}: {name} has shape {tuple(embeddings[name].shape)}, expected {shape}")
@@ -302,7 +309,8 @@ def build_model(checkpoint: Checkpoint, backbone_model, tokenizer) -> tuple[CLLM
             f"{word_embeddings.embedding_dim}; the checkpoint was trained on {meta['backbone']['n_words']} "
             f"of width {meta['backbone']['hidden_size']}")
     model = CLLM4Rec(backbone_model, meta["n_users"], meta["n_items"], init_std=None,
-                     content_view=all(name in checkpoint.embeddings for name in TABLES))
+                     content_view=all(name in checkpoint.embeddings for name in TABLES),
+                     head_offsets=HEAD_OFFSETS in checkpoint.embeddings)
     if meta.get("adapters"):
         try:
             model.attach_adapters(meta["adapters"]["rank"], meta["adapters"]["layers"], meta["adapters"]["targets"])

@@ -49,6 +49,11 @@ HELP = {
     "head_bias": "train a per-item bias and a logit scale in the tied item head (not in the paper)",
     "head_adapter": "train a square projection (identity at the start) of the last hidden state before the tied "
                     "item head: a small adapter, not in the paper",
+    "head_offsets": "per-item output offsets in the item head (zero at the start): an item's output vector may "
+                    "move away from its input token (not in the paper)",
+    "head_refit": "after finetuning, refit the head's offsets and bias in closed form (least squares from the "
+                  "features the head reads on the served prompt to the logits of the teacher's target, over the "
+                  "training users); kept when validation improves. Needs --head-offsets and a teacher",
     "adapter_rank": "rank of low-rank adapters (LoRA) on every linear map of the backbone's last blocks, trained "
                     "with the collaborative view (0: none, the paper's frozen backbone)",
     "adapter_layers": "how many of the backbone's last transformer blocks get adapters",

@@ -6,16 +6,20 @@
 Ids below n_words are the backbone's own (frozen) word embeddings; the rest index the tables of
 the chosen view (layout in model.prompts). The item head is tied to the collaborative item
 embeddings: an item's logit is the last hidden state dotted with that item's embedding, so the
-model can only ever name items that exist. Three small head parameters that the paper does not have
+model can only ever name items that exist. Head parameters that the paper does not have
 (docs/training.md, ablations) sit on top of the tie:
 
-    logit_j = logit_scale * ((head_projection @ hidden) . collab_items[j]) + item_bias[j]
+    logit_j = logit_scale * ((head_projection @ hidden) . (collab_items[j] + head_offsets[j])) + item_bias[j]
 
 logit_scale lets the sharpness of the softmax be learned instead of being carried by the norms of
 576-wide embeddings; item_bias carries popularity, which a dot product can only express by bending
 every item vector towards one direction; head_projection (a square matrix, identity at the start)
 is a small adapter that lets the frozen backbone's last hidden state be turned towards the item
-embeddings' space. With identity, scale 1 and bias 0 the head is the paper's.
+embeddings' space. head_offsets (optional, one row per item, zero at the start) unties the head in
+part: an item's output vector may move away from its input token, because the frozen backbone's last
+hidden state reads the catalogue best through vectors that are not the ones it reads best as inputs
+(model/head_init.py fits them in closed form). With identity, scale 1, bias 0 and no offsets the head
+is the paper's.
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ from model.adapters import LowRankAdapter, attach_adapters
 from model.prompts import Document
 
 COLLAB, CONTENT = "collab", "content"
+# Ridge of the map from item tokens to the head's output vectors (predicted_output_vectors), relative to
+# the mean squared token coordinate summed over the catalogue: it keeps the map smooth where few items lie.
+PLACEMENT_RIDGE = 1e-2
 
 
 @dataclass
@@ -114,11 +121,12 @@ def collate_recommend(prompts: Sequence[list[int]], targets: Sequence[Sequence[i
 
 class CLLM4Rec(nn.Module):
     def __init__(self, backbone: nn.Module, n_users: int, n_items: int, init_std: float | None = 0.02,
-                 content_view: bool = True):
+                 content_view: bool = True, head_offsets: bool = False):
         """content_view=False: a model for scoring alone (serving, evaluation), whose content tables are
         empty; scores only ever read the collaborative view, and the content tables are half of the
         per-user memory. init_std=None leaves the tables unwritten (never resident in memory) for a
-        checkpoint's tensors to replace (model.checkpoint.load_model_tensors)."""
+        checkpoint's tensors to replace (model.checkpoint.load_model_tensors). head_offsets: the head
+        has per-item output offsets (else the table is empty and the head fully tied)."""
         super().__init__()
         self.backbone = backbone
         self.backbone.requires_grad_(False)
@@ -144,6 +152,7 @@ class CLLM4Rec(nn.Module):
         self.item_bias = nn.Parameter(torch.zeros(n_items))
         self.logit_scale = nn.Parameter(torch.ones(()))
         self.head_projection = nn.Parameter(torch.eye(hidden))
+        self.head_offsets = nn.Parameter(torch.zeros(n_items if head_offsets else 0, hidden))
         self.input_gradients = True  # train the soft tokens through the backbone too (the paper); see embed()
         self.adapters: dict[str, LowRankAdapter] = {}  # low-rank adapters in the backbone (model.adapters), if any
         self.adapter_rank = self.adapter_layers = 0
@@ -159,11 +168,30 @@ class CLLM4Rec(nn.Module):
         """Grow the item vocabulary by len(vectors) items (both views start at `vectors`, bias `bias`):
         the tied head scores them from the next forward pass on, without retraining."""
         vectors = vectors.to(self.collab_items.weight)
+        if self.has_head_offsets:
+            offsets = self.predicted_output_vectors(vectors) - vectors
+            self.head_offsets = nn.Parameter(torch.cat([self.head_offsets, offsets.to(self.head_offsets)]))
         for table in (self.collab_items, self.content_items) if self.content_view else (self.collab_items,):
             table.weight = nn.Parameter(torch.cat([table.weight, vectors.to(table.weight)]))
             table.num_embeddings = table.weight.shape[0]
         self.item_bias = nn.Parameter(torch.cat([self.item_bias, self.item_bias.new_full((len(vectors),), bias)]))
         self.n_items += len(vectors)
+
+    @torch.no_grad()
+    def predicted_output_vectors(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The head's output vectors (token + offset) for item tokens that have no offset of their own yet:
+        the ridge-regression map from the catalogue's tokens to its output vectors, applied to them. A
+        trained (or refitted) head's output vectors are on another scale than the tokens, so a new item
+        scored through its bare token would be out of place."""
+        tokens_now = self.collab_items.weight.detach().double()
+        outputs = tokens_now + self.head_offsets.detach().double()
+        gram = tokens_now.T @ tokens_now
+        gram.diagonal().add_(PLACEMENT_RIDGE * float(gram.diagonal().mean()))
+        return tokens.double() @ torch.linalg.solve(gram, tokens_now.T @ outputs)
+
+    @property
+    def has_head_offsets(self) -> bool:
+        return len(self.head_offsets) > 0
 
     def tables(self, view: str) -> tuple[nn.Embedding, nn.Embedding]:
         return (self.collab_users, self.collab_items) if view == COLLAB else (self.content_users, self.content_items)
@@ -199,8 +227,9 @@ class CLLM4Rec(nn.Module):
     def head_parameters(self, bias: bool = True, projection: bool = False) -> list[nn.Parameter]:
         """The dense parameters the collaborative view trains besides its tables: the head's, the adapters'."""
         adapters = [p for adapter in self.adapters.values() for p in (adapter.down, adapter.up)]
+        offsets = [self.head_offsets] if self.has_head_offsets else []
         return ([self.item_bias, self.logit_scale] if bias else []) + ([self.head_projection] if projection else []) \
-            + adapters
+            + offsets + adapters
 
     def item_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Scores of every item: the item head is tied to the collaborative item embeddings.
@@ -208,7 +237,10 @@ class CLLM4Rec(nn.Module):
         Always float32, also inside CUDA's bf16 autocast: bf16 logits tie items in the top k, and
         validation, the best-epoch choice and served rankings all read these scores."""
         with torch.autocast(hidden.device.type, enabled=False):
-            logits = (hidden.float() @ self.head_projection.float().T) @ self.collab_items.weight.float().T
+            items = self.collab_items.weight.float()
+            if self.has_head_offsets:
+                items = items + self.head_offsets.float()
+            logits = (hidden.float() @ self.head_projection.float().T) @ items.T
             return self.logit_scale.float() * logits + self.item_bias.float()
 
     # --- losses --------------------------------------------------------------------------------

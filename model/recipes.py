@@ -45,6 +45,8 @@ RECIPES: dict[str, dict[str, object]] = {
         "init": "text",
         "head_bias": True,
         "head_adapter": True,
+        "head_offsets": True,
+        "head_refit": True,
         "distill_weight": 1.0,
         "distill_temperature": 0.125,
         "time_budget": 55.0,

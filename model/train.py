@@ -46,6 +46,7 @@ from model.data import Dataset, Split, load_dataset, split_dataset
 from model import distributed
 from model.distributed import Ranks, broadcast_object, broadcast_parameters, share, sum_across, sum_gradients
 from model.evaluate import evaluate_cllm4rec, evaluation_users, sample_users, selection_score
+from model.head_readout import refit_head
 from model.initialise import initialise
 from model.optimisation import (decay_rows, load_optimizer_tensors, make_optimizers, optimizer_tensors,
                                 scheduled_lr, set_lr)
@@ -222,10 +223,18 @@ class Trainer:
         return (now - self.finetune_started) / max(self.deadline - self.finetune_started, 1e-9)
 
     def time_is_up(self) -> bool:
-        """Past the budget once the time for one more validation is set aside."""
-        if time.monotonic() + self.validation_seconds >= self.deadline:
+        """Past the budget once the time for one more validation (and the head's refit) is set aside."""
+        if time.monotonic() + self.validation_seconds + self.refit_seconds() >= self.deadline:
             self.out_of_time = True
         return self.out_of_time
+
+    def refit_seconds(self) -> float:
+        """The time --head-refit will take, estimated from the last validation: a forward pass over every
+        training user where validation scores its sample, then one more validation."""
+        if not (self.config.head_refit and self.teacher is not None):
+            return 0.0
+        n_train = sum(1 for items in self.split.train if len(items))
+        return self.validation_seconds * (n_train / max(len(self.val_users), 1) + 1)
 
     def agree(self, batch, name: str) -> tuple[float, float, float] | None:
         """The step's (targets, documents, budget progress) over all ranks, from one all-reduce that also
@@ -386,12 +395,39 @@ class Trainer:
                 seconds.setdefault(stage, []).append(time.perf_counter() - started)
                 self.end_epoch(stage, passes, metrics, schedule, seconds)
             if self.out_of_time:
-                print(f"time budget of {self.config.time_budget:g} min reached after epoch {self.epoch}; "
-                      f"the best checkpoint (epoch {self.best_metrics.get('epoch')}) is in {self.out}")
+                print(f"time budget of {self.config.time_budget:g} min reached after epoch {self.epoch}")
+            if self.config.head_refit and self.teacher is not None and "finetune" in schedule[: self.epoch]:
+                self.refit()
+            if self.best_metrics:
+                print(f"the best checkpoint ({self.best_metrics['stage']}, epoch {self.best_metrics['epoch']}) "
+                      f"is in {self.out}")
         finally:
             if self.writer is not None:
                 self.writer.close()
         return self.best_metrics
+
+    def refit(self) -> None:
+        """--head-refit: the head's offsets and bias refitted in closed form on the last epoch's features
+        (model/head_readout.py), validated, and kept as the best checkpoint when they beat it."""
+        c = self.config
+        started = time.monotonic()
+        refit_head(self.model, self.space, self.split, self.teacher, c.distill_temperature, c.distill_weight,
+                   c.max_history, c.eval_batch_size)
+        metrics = self.validate()
+        score = selection_score(metrics)
+        improved = score > self.best_score
+        if improved:
+            self.best_score, self.best_metrics = score, {"epoch": self.epoch, "stage": "refit", "val": metrics}
+        if self.ranks.is_main:
+            with defer_interrupt() if not self.ranks.parallel else contextlib.nullcontext():
+                if improved:
+                    self.save_best(self.best_metrics)
+                ckpt.append_metrics(self.out, {"epoch": self.epoch, "stage": "refit", "val": metrics, "score": score,
+                                               "best": improved, "seconds": time.monotonic() - started,
+                                               "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+            shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+            print(f"head refitted in closed form after epoch {self.epoch} ({time.monotonic() - started:.0f} s): "
+                  f"val {shown}{' *best*' if improved else ''}", flush=True)
 
     def end_epoch(self, stage: str, passes: dict, metrics: dict | None, schedule: list[str],
                   seconds: dict[str, list[float]]) -> None:
@@ -498,7 +534,8 @@ def _train(config: TrainConfig, device: torch.device, ranks: Ranks) -> dict:
           f"{dataset.n_users - n_eval} users with fewer than 3 interactions are training-only")
     backbone, tokenizer = load_backbone(config.backbone, config.backbone_layers, device)
     torch.manual_seed(config.seed)
-    model = CLLM4Rec(backbone, dataset.n_users, dataset.n_items, config.init_std).to(device)
+    model = CLLM4Rec(backbone, dataset.n_users, dataset.n_items, config.init_std,
+                     head_offsets=config.head_offsets).to(device)
     if config.adapter_rank:
         try:
             model.attach_adapters(config.adapter_rank, config.adapter_layers, config.adapter_targets)

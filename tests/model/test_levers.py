@@ -203,6 +203,7 @@ def test_content_epochs_are_not_validated_and_patience_zero_never_stops_early(ti
     (["--init", "svd"], "--init must be one of"),
     (["--distill-temperature", "0"], "--distill-temperature must be positive"),
     (["--time-budget", "-5"], "--time-budget must not be negative"),
+    (["--head-refit"], "--head-refit needs --head-offsets and a teacher"),
 ])
 def test_bad_options_are_cli_errors(data, tmp_path, capsys, option, message):
     assert cli(["train", "--data", str(data), "--out", str(tmp_path / "o"), *option]) == 2
@@ -278,6 +279,84 @@ def test_without_input_gradients_nothing_flows_back_through_the_backbone(tiny_ll
         model.recommend_nll(batch).backward()
         assert (model.collab_users.weight.grad is not None) == through_backbone  # users appear only as inputs
         assert model.collab_items.weight.grad is not None  # the tied head trains the items either way
+
+
+# --- the head's offsets and its refit in closed form --------------------------------------------------
+
+def test_head_refit_is_the_least_squares_fit_of_the_targets_logits(data, tiny_llama):
+    """On the training users' whole-history prompts the refitted head's logits are the least-squares fit of
+    the (centred) logits of finetuning's target from the features the head reads, whatever the trained
+    projection and scale, and fit them better than the head did before."""
+    from model.cllm4rec import pad
+    from model.head_readout import head_features, refit_head, target_logits
+    from model.prompts import PromptTemplates, TokenSpace, build_recommend_prompt
+
+    dataset = load_dataset(data)
+    split = split_dataset(dataset, seed=0)
+    backbone, tokenizer = load_backbone(str(tiny_llama))
+    torch.manual_seed(0)
+    model = CLLM4Rec(backbone, dataset.n_users, dataset.n_items, head_offsets=True)
+    space = TokenSpace(tokenizer, model.n_words, dataset.n_users, dataset.n_items, PromptTemplates())
+    initialise(model, "text", tokenizer, dataset, split, model.hidden_size)
+    with torch.no_grad():  # as if trained: a projection and a scale away from identity and 1
+        model.head_projection.add_(0.1 * torch.randn_like(model.head_projection))
+        model.logit_scale.fill_(3.0)
+    teacher = fit_teacher(split, dataset.n_items, 200.0, 10**6, 16, [], seed=0)
+    users = [u for u, items in enumerate(split.train) if len(items)]
+    histories = [split.train[u].tolist() for u in users]
+    ids, mask = pad([build_recommend_prompt(space, u, h, 50) for u, h in zip(users, histories)])
+    target = target_logits(teacher, histories, 0.25, 1.0)
+
+    def head_error() -> float:
+        with torch.no_grad():
+            logits = model.prompt_item_logits(ids, mask).double()
+        return float((logits - logits.mean(1, keepdim=True) - target).pow(2).mean())
+
+    before = head_error()
+    projection = model.head_projection.detach().clone()
+    refit_head(model, space, split, teacher, 0.25, 1.0, 50, batch_size=32)
+    assert torch.equal(model.head_projection, projection)  # only the offsets and the bias are refitted
+    features = head_features(model, ids, mask).double()
+    features = torch.cat([features, torch.ones(len(users), 1, dtype=torch.float64)], 1)
+    best = features @ torch.linalg.lstsq(features, target).solution
+    with torch.no_grad():
+        logits = model.prompt_item_logits(ids, mask).double()
+    assert torch.allclose(logits, best, atol=1e-3 * float(best.abs().max()))
+    assert head_error() < 0.5 * before
+
+
+def test_refitted_head_is_validated_saved_and_served_with_the_same_scores(data, tiny_llama, tmp_path, capsys):
+    from model.evaluate import evaluate_cllm4rec
+
+    out = tmp_path / "refit"
+    best = train(quick_config(data, out, tiny_llama, head_offsets=True, head_refit=True, distill_weight=1.0))
+    assert "head refitted in closed form after epoch 3" in capsys.readouterr().out
+    records = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()]
+    assert [r["stage"] for r in records] == ["finetune"] * 3 + ["refit"]
+    checkpoint = read_checkpoint(out)
+    assert checkpoint.meta["metrics"] == best
+    recommender = load_recommender(out, "cpu")
+    assert recommender.model.has_head_offsets
+    split = recommender.checkpoint.split
+    users = [u for u, items in enumerate(split.val) if len(items)]
+    # The checkpoint scores as validation measured it, whichever epoch (or the refit) was best.
+    assert evaluate_cllm4rec(recommender.model, recommender.space, split, "val", users, recommender.max_history,
+                             64) == pytest.approx(best["val"], abs=1e-6)
+
+
+def test_an_item_added_to_a_head_with_offsets_gets_the_catalogues_output_scale(tiny_llama):
+    """A live item's output vector follows the map from the catalogue's tokens to their output vectors, so
+    it is scored on the same scale as the trained items (here: outputs are twice the tokens)."""
+    backbone, _ = load_backbone(str(tiny_llama))
+    torch.manual_seed(0)
+    model = CLLM4Rec(backbone, 4, 200, head_offsets=True)
+    with torch.no_grad():
+        model.head_offsets.copy_(model.collab_items.weight)  # output = 2 x token
+    new = torch.randn(3, model.hidden_size) * 0.02
+    model.add_items(new, bias=0.0)
+    assert model.n_items == 203 and model.head_offsets.shape == (203, model.hidden_size)
+    outputs = model.collab_items.weight[200:] + model.head_offsets[200:]
+    assert float((outputs - 2 * new).norm() / (2 * new).norm()) < 0.05  # the ridge shrinks it a little
 
 
 # --- low-rank adapters on the backbone --------------------------------------------------------------
