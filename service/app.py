@@ -104,7 +104,8 @@ def describe(engine: Engine) -> str:
     return (f"serving {checkpoint.path} (model {checkpoint.model_version}, {backbone['name']} with "
             f"{backbone['layers']} layers, {checkpoint.meta['n_items']} items) on {recommender.device}, "
             f"{settings.resolved_torch_threads()} threads, history store: "
-            f"{'Redis' if settings.redis_url else 'in-process'}, access: {access}")
+            f"{'Redis' if settings.redis_url else 'in-process'}, access: {access}; "
+            f"precision: {engine.model.precision.reason}")
 
 
 def begin_shutdown(app: FastAPI) -> None:

@@ -44,6 +44,7 @@ from service import metrics
 from service.batcher import Batcher
 from service.catalogue import Catalogue, CatalogueState, LiveItem
 from service.histories import HistoryStore, seed_from_checkpoint
+from service.precision import PrecisionChoice, choose_cpu_precision
 from service.schemas import (ErasureResponse, HistoryResponse, InteractionsResponse, ItemResponse, RecommendedItem,
                              RecommendQuery, RecommendResponse, ReloadResponse)
 from service.settings import Settings
@@ -89,6 +90,7 @@ class ServedModel:
     titles: list[str | None]
     popularity: list[float]  # training interactions per item
     popular_first: list[int]  # item indices, most popular first (ties: lower index first)
+    precision: PrecisionChoice  # the backbone's number format, and why
     live: set[str] = field(default_factory=set)  # ids of the items added live (after the checkpoint's)
     # Held by a forward pass and by adding live items: the item tables never grow under a pass.
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -97,9 +99,16 @@ class ServedModel:
     def load(cls, checkpoint: Path, settings: Settings) -> ServedModel:
         """Raises CheckpointError, BackboneError or ConfigError saying what is wrong."""
         recommender = load_recommender(checkpoint, model_device(settings.device), MODEL_DTYPES[settings.dtype])
+        if settings.dtype == "auto" and recommender.device.type == "cpu":
+            torch.set_num_threads(settings.resolved_torch_threads())  # timed as it will serve
+            precision = choose_cpu_precision(recommender)
+        elif settings.dtype == "auto":
+            precision = PrecisionChoice("float32", "float32 weights computing in bfloat16 on CUDA (autocast)")
+        else:
+            precision = PrecisionChoice(settings.dtype, f"CLLM4REC_DTYPE={settings.dtype}")
         popularity = torch.as_tensor(recommender.popularity, dtype=torch.float32)
         return cls(recommender, [title or None for title in recommender.checkpoint.item_titles],
-                   popularity.tolist(), torch.argsort(popularity, descending=True, stable=True).tolist())
+                   popularity.tolist(), torch.argsort(popularity, descending=True, stable=True).tolist(), precision)
 
     @property
     def version(self) -> str:
@@ -109,7 +118,7 @@ class ServedModel:
         meta = self.recommender.checkpoint.meta
         metrics.model_info.info({"model_version": self.version, "backbone": meta["backbone"]["name"],
                                  "backbone_layers": str(meta["backbone"]["layers"]), "n_items": str(meta["n_items"]),
-                                 "n_users": str(meta["n_users"])})
+                                 "n_users": str(meta["n_users"]), "precision": self.precision.precision})
 
     def job(self, user: int | None, history: list[int], excluded: list[int], k: int,
             candidates: list[int] | None = None) -> ScoreJob:

@@ -42,7 +42,8 @@ cold_start = Counter(
 fallback = Counter(
     "cllm4rec_fallback_total", "Recommendations answered by most-popular because there was nothing to prompt with")
 model_info = Info(
-    "cllm4rec_model", "The served checkpoint (labels: model_version, backbone, backbone_layers, n_items, n_users)")
+    "cllm4rec_model", "The served checkpoint (labels: model_version, backbone, backbone_layers, n_items, n_users, "
+    "precision: the backbone's weights, float32 or bfloat16)")
 reloads = Counter(
     "cllm4rec_reloads_total", "Checkpoint reloads (POST /admin/reload, SIGHUP), by result: ok, failed (the previous "
     "model kept serving)", ["result"])

@@ -218,8 +218,9 @@ class Health(BaseModel):
 
 class Readiness(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [
-        {"ready": True, "model": True, "history_store": True, "shutting_down": False, "detail": None},
-        {"ready": True, "model": True, "history_store": False, "shutting_down": False,
+        {"ready": True, "model": True, "history_store": True, "shutting_down": False, "precision": "bfloat16",
+         "detail": None},
+        {"ready": True, "model": True, "history_store": False, "shutting_down": False, "precision": "float32",
          "detail": "history store (Redis) ping failed: Connection refused"}]})
 
     ready: bool = Field(description="the model is warm, its forward-pass worker runs, and shutdown has not begun")
@@ -228,6 +229,9 @@ class Readiness(BaseModel):
                                 "stays ready: requests that bring their own history and the popularity fallback "
                                 "still work, stored-history requests get 503")
     shutting_down: bool
+    precision: str | None = Field(None, description="the served backbone's weights: float32, or bfloat16 where "
+                                  "the CPU has bfloat16 units and it measured faster with the same rankings "
+                                  "(CLLM4REC_DTYPE=auto), or what CLLM4REC_DTYPE sets; none while loading")
     detail: str | None = Field(None, description="why not ready, or what is degraded")
 
 

@@ -65,8 +65,10 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto: CUDA when available, else CPU")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        "auto", description="weights of the backbone and embeddings; auto: float32, computed in bfloat16 "
-        "on CUDA (autocast, as in training); float16/bfloat16: weights in half precision")
+        "auto", description="weights of the backbone and embeddings; auto: float32 weights computing in bfloat16 "
+        "on CUDA (autocast, as in training), and on a CPU with bfloat16 units a bfloat16 backbone when it "
+        "measures faster at load with the same top 20 (service/precision.py), else float32; "
+        "float16/bfloat16: all weights in half precision")
     torch_threads: int = Field(0, ge=0, description="intra-op CPU threads of the forward pass; 0: one per "
                                "available CPU")
 

@@ -46,7 +46,7 @@ async def readyz(request: Request) -> JSONResponse:
         detail = "the model is loading or warming up"
     ready = model_ready and not shutting_down
     body = Readiness(ready=ready, model=model_ready, history_store=store_ready, shutting_down=shutting_down,
-                     detail=detail)
+                     precision=engine.model.precision.precision if engine is not None else None, detail=detail)
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 
 

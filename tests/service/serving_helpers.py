@@ -106,7 +106,10 @@ def wait_ready(url: str, process: subprocess.Popen, timeout_s: float) -> None:
 
 def server_settings(checkpoint: Path, **overrides) -> Settings:
     """Settings for a test server; the environment of the machine running the tests is ignored."""
-    defaults = dict(checkpoint=checkpoint, torch_threads=SERVER_THREADS, redis_url=None, max_wait_ms=0.0)
+    # float32: the tests compare served scores with the offline (float32) scorer exactly; the bfloat16
+    # backbone that CLLM4REC_DTYPE=auto may choose on a CPU with bf16 units has its own tests.
+    defaults = dict(checkpoint=checkpoint, torch_threads=SERVER_THREADS, redis_url=None, max_wait_ms=0.0,
+                    dtype="float32")
     return Settings(**{**defaults, **overrides})
 
 
