@@ -407,26 +407,35 @@ class Trainer:
         return self.best_metrics
 
     def refit(self) -> None:
-        """--head-refit: the head's offsets and bias refitted in closed form on the last epoch's features
-        (model/head_readout.py), validated, and kept as the best checkpoint when they beat it."""
+        """--head-refit: the head's offsets and bias refitted in closed form on the best epoch's model
+        (model/head_readout.py), validated, and kept as the best checkpoint when they beat it.
+
+        The best epoch's, not the last: where training went on past its best epoch (early stopping, or a
+        budget longer than the data needs), the later tokens had overfitted, and the readout of their
+        features was worse too (docs/training.md)."""
         c = self.config
         started = time.monotonic()
+        epoch = self.best_metrics.get("epoch", self.epoch)
+        if epoch != self.epoch:
+            if self.ranks.is_main:
+                ckpt.load_model_tensors(self.model, ckpt.read_checkpoint(self.out).embeddings)
+            broadcast_parameters([p for p in self.model.parameters() if p.requires_grad], self.ranks)
         refit_head(self.model, self.space, self.split, self.teacher, c.distill_temperature, c.distill_weight,
                    c.max_history, c.eval_batch_size)
         metrics = self.validate()
         score = selection_score(metrics)
         improved = score > self.best_score
         if improved:
-            self.best_score, self.best_metrics = score, {"epoch": self.epoch, "stage": "refit", "val": metrics}
+            self.best_score, self.best_metrics = score, {"epoch": epoch, "stage": "refit", "val": metrics}
         if self.ranks.is_main:
             with defer_interrupt() if not self.ranks.parallel else contextlib.nullcontext():
                 if improved:
                     self.save_best(self.best_metrics)
-                ckpt.append_metrics(self.out, {"epoch": self.epoch, "stage": "refit", "val": metrics, "score": score,
+                ckpt.append_metrics(self.out, {"epoch": epoch, "stage": "refit", "val": metrics, "score": score,
                                                "best": improved, "seconds": time.monotonic() - started,
                                                "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
             shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-            print(f"head refitted in closed form after epoch {self.epoch} ({time.monotonic() - started:.0f} s): "
+            print(f"head refitted in closed form on epoch {epoch}'s model ({time.monotonic() - started:.0f} s): "
                   f"val {shown}{' *best*' if improved else ''}", flush=True)
 
     def end_epoch(self, stage: str, passes: dict, metrics: dict | None, schedule: list[str],

@@ -330,9 +330,11 @@ def test_refitted_head_is_validated_saved_and_served_with_the_same_scores(data, 
 
     out = tmp_path / "refit"
     best = train(quick_config(data, out, tiny_llama, head_offsets=True, head_refit=True, distill_weight=1.0))
-    assert "head refitted in closed form after epoch 3" in capsys.readouterr().out
     records = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()]
     assert [r["stage"] for r in records] == ["finetune"] * 3 + ["refit"]
+    best_epoch = max(records[:3], key=lambda r: r["score"])["epoch"]  # the refit reads the best epoch's model
+    assert records[3]["epoch"] == best_epoch
+    assert f"head refitted in closed form on epoch {best_epoch}'s model" in capsys.readouterr().out
     checkpoint = read_checkpoint(out)
     assert checkpoint.meta["metrics"] == best
     recommender = load_recommender(out, "cpu")

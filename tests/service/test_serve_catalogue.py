@@ -2,12 +2,14 @@
 training places items by their titles and served by every replica and a restarted server; a retired
 item never comes back (single, batch, fallback, similar items), on every server sharing the Redis,
 until it is restored; similar items are the offline scorer's answer to a one-item prompt; unknown
-items are a 404, existing ones a 409."""
+items are a 404, existing ones a 409; with a backbone whose words mean something, a new item lands with
+the items it reads like."""
 
 from __future__ import annotations
 
 import torch
 
+from model.checkpoint import load_recommender
 from model.initialise import text_vector
 from serving_helpers import (REDIS_URL, metric_value, offline_ranking, running_server, server_settings,
                              variant_checkpoint)
@@ -144,3 +146,36 @@ def test_a_reloaded_model_gets_the_live_items_too(tiny_checkpoint, offline, tmp_
                                                  "candidate_item_ids": ["live-4"]}).json()
         assert ids(answer) == ["live-4"] and answer["model_version"] == new_version
         assert client.get("/items/live-4").json()["source"] == "live"
+
+
+def test_an_added_item_ranks_high_for_a_user_whose_history_is_about_the_same_thing(tmp_path_factory):
+    """With the bundled SmolLM2 (cut to 2 layers, words that mean something) and a short training run on
+    the synthetic shop: for users who only ever bought coffee things, a new coffee product added by its
+    title ranks above a new garden product, and near the top of what they are recommended."""
+    from model.backbone import DEFAULT_BACKBONE
+    from model.config import TrainConfig
+    from model.synthetic import CATEGORIES, write_synthetic_dataset
+    from model.train import train
+
+    data = write_synthetic_dataset(tmp_path_factory.mktemp("shop"), n_users=200, n_items=96, n_categories=8,
+                                   min_items=5, max_items=10, seed=5, reviews=False)
+    out = tmp_path_factory.mktemp("shop-model") / "ckpt"
+    train(TrainConfig(data=str(data), out=str(out), backbone=DEFAULT_BACKBONE, backbone_layers=2, content=False,
+                      content_epochs=0, pretrain_epochs=0, finetune_epochs=2, batch_size=32, val_users=0,
+                      finetune_lr=1e-3, head_bias=True))
+    offline_model = load_recommender(out, "cpu")
+    coffee = set(CATEGORIES["coffee"])
+    titles = offline_model.checkpoint.item_titles
+    coffee_users = [offline_model.checkpoint.user_ids[u] for u, items in enumerate(offline_model.checkpoint.split.train)
+                    if len(items) and all(any(noun in titles[i] for noun in coffee) for i in items)]
+    assert coffee_users  # the synthetic shop has single-category users
+    with running_server(server_settings(out)) as server, server.client() as client:
+        for item_id, title in (("live-coffee", "barista espresso machine"), ("live-garden", "garden hose reel")):
+            assert client.post("/items", json={"item_id": item_id, "title": title}).status_code == 201
+        n_items = len(titles) + 2
+        ranks = []
+        for user_id in coffee_users:
+            ranked = ids(client.post("/recommend", json={"user_id": user_id, "k": n_items}).json())
+            ranks.append((ranked.index("live-coffee"), ranked.index("live-garden")))
+    assert all(mine < other for mine, other in ranks), ranks
+    assert sum(mine for mine, _ in ranks) / len(ranks) < 0.25 * n_items, ranks
