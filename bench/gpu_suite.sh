@@ -14,7 +14,7 @@
 #   gpu-lora32     the same with rank-32 adapters on the last 4 blocks: better per epoch on the CPU,
 #                  too slow there at equal time (docs/training.md); on a GPU epochs are cheap
 #   gpu-lora32-all the same with adapters on all 30 blocks
-#   gpu-unmasked   --recipe gpu --unmasked-prompt-ratio 1.0 (the served prompt towards the teacher)
+#   gpu-no-refit   --recipe gpu without the head's offsets and closed-form refit (what the refit adds at full depth)
 # (Measured on 2026-11-27 with the same script: paper-short 0.0380, the cpu recipe's 4 layers 0.1095,
 # cpu levers at 30 layers batch 128 0.1279 and batch 512 0.1283 test Recall@20; docs/benchmarks.md.)
 # Every log lands in LOG_DIR (train-ARM.log, metrics-ARM.jsonl, evaluate-ARM.json, cuda-tests.log).
@@ -29,7 +29,7 @@ declare -A arms=(
   [gpu]="--recipe gpu"
   [gpu-lora32]="--recipe gpu --adapter-rank 32"
   [gpu-lora32-all]="--recipe gpu --adapter-rank 32 --adapter-layers 30"
-  [gpu-unmasked]="--recipe gpu --unmasked-prompt-ratio 1.0"
+  [gpu-no-refit]="--recipe gpu --no-head-offsets --no-head-refit"
 )
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -51,7 +51,7 @@ wait
 echo "=== train: $((SECONDS - started)) s"
 for arm in "${!arms[@]}"; do
   echo "--- train $arm: ${arms[$arm]}"
-  grep -E "^(teacher|epoch|time budget|best|early|interrupted)|Error|error" "$logs/train-$arm.log" | tail -n 25
+  grep -E "^(teacher|epoch|time budget|best|early|interrupted|head refitted)|Error|error" "$logs/train-$arm.log" | tail -n 25
   cp "$runs/$arm/metrics.jsonl" "$logs/metrics-$arm.jsonl" 2>/dev/null
 done
 
