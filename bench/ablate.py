@@ -47,7 +47,7 @@ def summary(name: str, args) -> str:
     epochs = [r for r in validated if "passes" in r]  # not the head's refit (--head-refit)
     seconds = sum(sum(p["seconds"] for p in r["passes"].values()) for r in epochs) / len(epochs)
     values = " | ".join(f"{best['val'][k]:.4f}" for k in ("recall@20", "recall@40", "ndcg@100"))
-    epoch = f"{best['epoch']}" + (" + refit" if best["stage"] == "refit" else "")
+    epoch = f"{best['epoch']}" + (f" + {best.get('share', 1):g} refit" if best["stage"] == "refit" else "")
     return f"| {name} | {values} | {epoch} | {seconds:.0f} |"
 
 

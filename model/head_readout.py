@@ -34,6 +34,10 @@ from model.teachers import Teacher
 # the hidden width, so it only guards the solve; the readout's validation figures were flat from about
 # 4e-9 to 4e-6 of that scale on amazon-scientific.
 RELATIVE_RIDGE = 1e-6
+# How much of the refit the head takes, (1 - share) x the trained head + share x the refit, each
+# validated (the trained head is share 0): the whole refit was best on amazon-scientific (+14% Recall@20),
+# on amazon-beauty it lost 10% while three quarters of it gained 6% (docs/training.md).
+REFIT_SHARES = (0.25, 0.5, 0.75, 1.0)
 
 
 def target_logits(teacher: Teacher, histories: list[list[int]], temperature: float, distill_weight: float
@@ -56,6 +60,15 @@ def head_features(model: CLLM4Rec, input_ids: torch.Tensor, attention_mask: torc
         hidden = model.hidden_states(input_ids, attention_mask, COLLAB)
     last = hidden[torch.arange(len(input_ids), device=input_ids.device), attention_mask.sum(1) - 1]
     return model.logit_scale.float() * (last.float() @ model.head_projection.float().T)
+
+
+@torch.no_grad()
+def mix_heads(model: CLLM4Rec, trained: tuple[torch.Tensor, torch.Tensor], refitted: tuple[torch.Tensor, torch.Tensor],
+              share: float) -> None:
+    """Offsets and bias at (1 - share) x trained + share x refitted, each an (offsets, bias) pair: the
+    logits are mixed the same way, since they are linear in both."""
+    model.head_offsets.copy_(torch.lerp(trained[0], refitted[0], share))
+    model.item_bias.copy_(torch.lerp(trained[1], refitted[1], share))
 
 
 @torch.no_grad()

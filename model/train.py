@@ -46,7 +46,7 @@ from model.data import Dataset, Split, load_dataset, split_dataset
 from model import distributed
 from model.distributed import Ranks, broadcast_object, broadcast_parameters, share, sum_across, sum_gradients
 from model.evaluate import evaluate_cllm4rec, evaluation_users, sample_users, selection_score
-from model.head_readout import refit_head
+from model.head_readout import REFIT_SHARES, mix_heads, refit_head
 from model.initialise import initialise
 from model.optimisation import (decay_rows, load_optimizer_tensors, make_optimizers, optimizer_tensors,
                                 scheduled_lr, set_lr)
@@ -230,11 +230,11 @@ class Trainer:
 
     def refit_seconds(self) -> float:
         """The time --head-refit will take, estimated from the last validation: a forward pass over every
-        training user where validation scores its sample, then one more validation."""
+        training user where validation scores its sample, then a validation per share of the refit."""
         if not (self.config.head_refit and self.teacher is not None):
             return 0.0
         n_train = sum(1 for items in self.split.train if len(items))
-        return self.validation_seconds * (n_train / max(len(self.val_users), 1) + 1)
+        return self.validation_seconds * (n_train / max(len(self.val_users), 1) + len(REFIT_SHARES))
 
     def agree(self, batch, name: str) -> tuple[float, float, float] | None:
         """The step's (targets, documents, budget progress) over all ranks, from one all-reduce that also
@@ -408,7 +408,8 @@ class Trainer:
 
     def refit(self) -> None:
         """--head-refit: the head's offsets and bias refitted in closed form on the best epoch's model
-        (model/head_readout.py), validated, and kept as the best checkpoint when they beat it.
+        (model/head_readout.py), mixed with the trained ones in each of REFIT_SHARES, each validated;
+        the best is kept as the checkpoint when it beats the best epoch.
 
         The best epoch's, not the last: where training went on past its best epoch (early stopping, or a
         budget longer than the data needs), the later tokens had overfitted, and the readout of their
@@ -420,23 +421,32 @@ class Trainer:
             if self.ranks.is_main:
                 ckpt.load_model_tensors(self.model, ckpt.read_checkpoint(self.out).embeddings)
             broadcast_parameters([p for p in self.model.parameters() if p.requires_grad], self.ranks)
+        trained = (self.model.head_offsets.detach().clone(), self.model.item_bias.detach().clone())
         refit_head(self.model, self.space, self.split, self.teacher, c.distill_temperature, c.distill_weight,
                    c.max_history, c.eval_batch_size)
-        metrics = self.validate()
-        score = selection_score(metrics)
-        improved = score > self.best_score
-        if improved:
-            self.best_score, self.best_metrics = score, {"epoch": epoch, "stage": "refit", "val": metrics}
+        refitted = (self.model.head_offsets.detach().clone(), self.model.item_bias.detach().clone())
         if self.ranks.is_main:
+            print(f"head refitted in closed form on epoch {epoch}'s model ({time.monotonic() - started:.0f} s)")
+        kept = 0.0
+        for share in REFIT_SHARES:
+            mix_heads(self.model, trained, refitted, share)
+            metrics = self.validate()
+            score = selection_score(metrics)
+            improved = score > self.best_score
+            if improved:
+                kept, self.best_score = share, score
+                self.best_metrics = {"epoch": epoch, "stage": "refit", "share": share, "val": metrics}
+            if not self.ranks.is_main:
+                continue
             with defer_interrupt() if not self.ranks.parallel else contextlib.nullcontext():
                 if improved:
                     self.save_best(self.best_metrics)
-                ckpt.append_metrics(self.out, {"epoch": epoch, "stage": "refit", "val": metrics, "score": score,
-                                               "best": improved, "seconds": time.monotonic() - started,
+                ckpt.append_metrics(self.out, {"epoch": epoch, "stage": "refit", "share": share, "val": metrics,
+                                               "score": score, "best": improved,
                                                "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
             shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-            print(f"head refitted in closed form on epoch {epoch}'s model ({time.monotonic() - started:.0f} s): "
-                  f"val {shown}{' *best*' if improved else ''}", flush=True)
+            print(f"  {share:g} of the refit: val {shown}{' *best*' if improved else ''}", flush=True)
+        mix_heads(self.model, trained, refitted, kept)  # the model as the checkpoint holds it
 
     def end_epoch(self, stage: str, passes: dict, metrics: dict | None, schedule: list[str],
                   seconds: dict[str, list[float]]) -> None:

@@ -327,13 +327,15 @@ def test_head_refit_is_the_least_squares_fit_of_the_targets_logits(data, tiny_ll
 
 def test_refitted_head_is_validated_saved_and_served_with_the_same_scores(data, tiny_llama, tmp_path, capsys):
     from model.evaluate import evaluate_cllm4rec
+    from model.head_readout import REFIT_SHARES
 
     out = tmp_path / "refit"
     best = train(quick_config(data, out, tiny_llama, head_offsets=True, head_refit=True, distill_weight=1.0))
     records = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()]
-    assert [r["stage"] for r in records] == ["finetune"] * 3 + ["refit"]
+    assert [r["stage"] for r in records] == ["finetune"] * 3 + ["refit"] * len(REFIT_SHARES)
+    assert [r["share"] for r in records[3:]] == list(REFIT_SHARES)  # each mix of the heads validated
     best_epoch = max(records[:3], key=lambda r: r["score"])["epoch"]  # the refit reads the best epoch's model
-    assert records[3]["epoch"] == best_epoch
+    assert all(r["epoch"] == best_epoch for r in records[3:])
     assert f"head refitted in closed form on epoch {best_epoch}'s model" in capsys.readouterr().out
     checkpoint = read_checkpoint(out)
     assert checkpoint.meta["metrics"] == best
