@@ -411,9 +411,9 @@ class Trainer:
         (model/head_readout.py), mixed with the trained ones in each of REFIT_SHARES, each validated;
         the best is kept as the checkpoint when it beats the best epoch.
 
-        The best epoch's, not the last: where training went on past its best epoch (early stopping, or a
-        budget longer than the data needs), the later tokens had overfitted, and the readout of their
-        features was worse too (docs/training.md)."""
+        The best epoch's, not the last: the mixes start from the head the checkpoint holds. (Whether the
+        readout of a later, overfitted epoch is worse is not settled: on amazon-scientific one run's
+        refit of its epoch 17 and another's of its best epoch 11 validated alike, docs/training.md.)"""
         c = self.config
         started = time.monotonic()
         epoch = self.best_metrics.get("epoch", self.epoch)
