@@ -47,7 +47,8 @@ def test_backbone_stays_frozen_and_only_soft_tokens_and_the_head_train(model_and
     model, _ = model_and_space
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"collab_users.weight", "collab_items.weight", "content_users.weight", "content_items.weight",
-                         "item_bias", "logit_scale", "head_projection"}
+                         "item_bias", "logit_scale", "head_projection", "head_offsets"}
+    assert model.head_offsets.numel() == 0  # without --head-offsets the head is tied: no offset rows
 
 
 def test_collaborative_lm_loss_falls(model_and_space):
