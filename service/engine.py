@@ -24,6 +24,7 @@ of its own. The old model is freed once its last job is done.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -92,6 +93,10 @@ class ServedModel:
     popular_first: list[int]  # item indices, most popular first (ties: lower index first)
     precision: PrecisionChoice  # the backbone's number format, and why
     live: set[str] = field(default_factory=set)  # ids of the items added live (after the checkpoint's)
+    # Per item, its answer entry's JSON around the score, encoded once (ids and titles never change):
+    # an answer of thousands of items is then a join, not thousands of objects (docs/benchmarks.md,
+    # "The profile": building RecommendedItem objects held the GIL about 45 ms per 32,000 items).
+    item_json: list[tuple[bytes, bytes]] = field(default_factory=list)
     # Held by a forward pass and by adding live items: the item tables never grow under a pass.
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -107,8 +112,10 @@ class ServedModel:
         else:
             precision = PrecisionChoice(settings.dtype, f"CLLM4REC_DTYPE={settings.dtype}")
         popularity = torch.as_tensor(recommender.popularity, dtype=torch.float32)
-        return cls(recommender, [title or None for title in recommender.checkpoint.item_titles],
-                   popularity.tolist(), torch.argsort(popularity, descending=True, stable=True).tolist(), precision)
+        titles = [title or None for title in recommender.checkpoint.item_titles]
+        return cls(recommender, titles, popularity.tolist(), torch.argsort(popularity, descending=True,
+                                                                         stable=True).tolist(), precision,
+                   item_json=[item_json(i, t) for i, t in zip(recommender.checkpoint.item_ids, titles)])
 
     @property
     def version(self) -> str:
@@ -140,6 +147,16 @@ class ServedModel:
                              if i not in excluded and (allowed is None or i in allowed)), k))
         return items, [self.popularity[i] for i in items]
 
+    def response_json(self, answer: Answer) -> bytes:
+        """The response body, the JSON of the RecommendResponse that response() builds, from the items'
+        fragments encoded at load."""
+        fragments = self.item_json
+        items = b",".join(fragments[i][0] + repr(float(s)).encode() + fragments[i][1]
+                          for i, s in zip(answer.items, answer.scores))
+        return b"".join((b'{"user_id":', to_json(answer.user_id), b',"items":[', items, b'],"model_version":',
+                         to_json(self.version), b',"cold_start":', to_json(answer.cold_start), b',"fallback":',
+                         to_json(answer.fallback), b',"unknown_item_ids":', to_json(answer.unknown_item_ids), b"}"))
+
     def response(self, answer: Answer) -> RecommendResponse:
         """The response body; built without validation (every field comes from this model)."""
         item_ids, titles = self.recommender.checkpoint.item_ids, self.titles
@@ -169,6 +186,7 @@ class ServedModel:
                 recommender.item_index[item.item_id] = index
                 recommender.checkpoint.item_ids.append(item.item_id)
                 self.titles.append(item.title or None)
+                self.item_json.append(item_json(item.item_id, item.title or None))
                 self.popularity.append(0.0)
                 self.popular_first.append(index)
                 self.live.add(item.item_id)
@@ -323,14 +341,15 @@ class Engine:
         return rankings
 
     # --- requests ----------------------------------------------------------------------------------
-    async def recommend(self, requests: Sequence[RecommendQuery]) -> list[RecommendResponse]:
+    async def recommend(self, requests: Sequence[RecommendQuery]) -> list[bytes]:
+        """Each request's RecommendResponse, as JSON."""
         try:
             return await asyncio.wait_for(self._recommend(requests), self.settings.request_timeout_s)
         except asyncio.TimeoutError:
             raise RequestTimeout(f"no recommendation within {self.settings.request_timeout_s:g} s "
                                  "(CLLM4REC_REQUEST_TIMEOUT_S)") from None
 
-    async def _recommend(self, requests: Sequence[RecommendQuery]) -> list[RecommendResponse]:
+    async def _recommend(self, requests: Sequence[RecommendQuery]) -> list[bytes]:
         model = self.model  # the whole request is answered by one model, even if a reload swaps it meanwhile
         histories: list[Sequence[str] | None] = [r.history for r in requests]
         stored = [i for i, r in enumerate(requests) if r.history is None]
@@ -353,10 +372,10 @@ class Engine:
             for i, answer in zip(chunk, results):
                 answers[i] = answer
         if sum(len(answer.items) for answer in answers) <= INLINE_RESPONSE_ITEMS:
-            return [model.response(answer) for answer in answers]
+            return [model.response_json(answer) for answer in answers]
         # Thousands of items take the event loop for tens of milliseconds or more: build them in a
         # thread, so probes and other requests are answered meanwhile.
-        return await asyncio.to_thread(lambda: [model.response(answer) for answer in answers])
+        return await asyncio.to_thread(lambda: [model.response_json(answer) for answer in answers])
 
     async def recommend_one(self, model: ServedModel, request: RecommendQuery, history: Sequence[str],
                             retired: Sequence[int] = ()) -> Answer:
@@ -450,6 +469,15 @@ class Engine:
         item_index = self.model.recommender.item_index
         unknown = list(dict.fromkeys(item_id for item_id in item_ids if item_id not in item_index))
         return InteractionsResponse(user_id=user_id, history_length=length, unknown_item_ids=unknown)
+
+
+def to_json(value) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def item_json(item_id: str, title: str | None) -> tuple[bytes, bytes]:
+    """An answer entry's JSON before and after its score: {"item_id":...,"score": | ,"title":...}."""
+    return b'{"item_id":' + to_json(item_id) + b',"score":', b',"title":' + to_json(title) + b"}"
 
 
 def load_and_warm_up(checkpoint: Path, settings: Settings) -> ServedModel:

@@ -1,40 +1,30 @@
 """POST /recommend, GET /recommend/{user_id}, POST /recommend/batch.
 
-Bodies are serialised here, once (the engine builds them without validation), and in a thread when
-they are large, so that a batch of k = 1000 answers does not hold the event loop (and the probes).
+The engine returns each answer as JSON already (service.engine.ServedModel.response_json), built off
+the event loop when large, so that a batch of k = 1000 answers does not hold the loop (and the probes).
 """
 
 # No `from __future__ import annotations`: the body and parameter types are this app's own
 # (schemas.request_models), and FastAPI reads them from the annotations when the routes are made.
 
-import asyncio
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Query
 from fastapi.responses import Response
 
 from service.dependencies import get_engine, require_read_key
-from service.engine import INLINE_RESPONSE_ITEMS, Engine
+from service.engine import Engine
 from service.schemas import (BODY_TOO_LARGE, BODY_UNREADABLE, DEFAULT_K, RECOMMEND_ERRORS, UNAUTHORIZED,
                              BatchRecommendResponse, ExcludeSeen, RecommendResponse, RequestModels)
 
 EngineDep = Annotated[Engine, Depends(get_engine)]
 
 
-def serialise(responses: list[RecommendResponse], batch: bool) -> bytes:
-    # One response at a time: serialising holds the GIL for the whole call, so a batch serialised in
-    # one call would stall the event loop for as long; between calls the loop gets its turn.
-    if not batch:
-        return responses[0].model_dump_json().encode()
-    return b'{"results":[' + b",".join(r.model_dump_json().encode() for r in responses) + b"]}"
-
-
-async def json_response(responses: list[RecommendResponse], batch: bool = False) -> Response:
-    if sum(len(r.items) for r in responses) <= INLINE_RESPONSE_ITEMS:
-        body = serialise(responses, batch)
-    else:
-        body = await asyncio.to_thread(serialise, responses, batch)
-    return Response(body, media_type="application/json")
+def json_response(bodies: list[bytes], batch: bool = False) -> Response:
+    """One answer's JSON, or a batch's {"results": [...]}: the engine encodes each answer (a join of
+    fragments encoded at load, off the event loop when large), so this is one join."""
+    return Response(bodies[0] if not batch else b'{"results":[' + b",".join(bodies) + b"]}",
+                    media_type="application/json")
 
 
 def create_router(models: RequestModels) -> APIRouter:
@@ -49,14 +39,14 @@ def create_router(models: RequestModels) -> APIRouter:
         """Scores every item with one forward pass of the model over the user's prompt (stored history,
         or `history` when given) and returns the best `k`, the user's history excluded unless
         `exclude_seen` is false."""
-        return await json_response(await engine.recommend([body]))
+        return json_response(await engine.recommend([body]))
 
     @router.get("/recommend/{user_id}", summary="Top-k items for one user (stored history)",
                 response_model=RecommendResponse)
     async def recommend_get(user_id: Annotated[models.user_id_path, Path()], engine: EngineDep,
                             k: Annotated[models.k, Query()] = DEFAULT_K,
                             exclude_seen: Annotated[ExcludeSeen, Query()] = True) -> Response:
-        return await json_response(await engine.recommend([RecommendRequest(user_id=user_id, k=k,
+        return json_response(await engine.recommend([RecommendRequest(user_id=user_id, k=k,
                                                                             exclude_seen=exclude_seen)]))
 
     @router.post("/recommend/batch", summary="Top-k items for many users at once", responses=body_errors,
@@ -64,6 +54,6 @@ def create_router(models: RequestModels) -> APIRouter:
     async def recommend_batch(body: BatchRecommendRequest, engine: EngineDep) -> Response:
         """Each request as for POST /recommend; the histories are read in one store round trip and the
         prompts share forward passes."""
-        return await json_response(await engine.recommend(body.requests), batch=True)
+        return json_response(await engine.recommend(body.requests), batch=True)
 
     return router

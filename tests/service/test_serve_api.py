@@ -257,3 +257,19 @@ def test_rule_lists_have_a_limit(client, offline, field):
     response = client.post("/recommend", json=body)
     assert response.status_code == 422, response.text
     assert f"at most {limit} items" in response.text
+
+
+def test_answers_encoded_from_fragments_are_the_response_models_json(tiny_checkpoint):
+    """The bytes a recommendation answers with (fragments encoded once per item) parse to exactly what the
+    RecommendResponse model serialises, for awkward ids and titles and a live item too."""
+    import json
+
+    from service.catalogue import LiveItem
+    from service.engine import Answer, ServedModel
+
+    model = ServedModel.load(tiny_checkpoint, server_settings(tiny_checkpoint))
+    model.add_live_items([LiveItem(item_id='live "ü"', title='a "quoted" title, ü\\n', description=None)])
+    live = len(model.titles) - 1
+    answer = Answer('user "ü"', [0, live, 2], [1.5, -0.25, 1e-5], cold_start=True, fallback="most_popular",
+                    unknown_item_ids=['x"y'])
+    assert json.loads(model.response_json(answer)) == json.loads(model.response(answer).model_dump_json())
