@@ -18,7 +18,7 @@ is a small adapter that lets the frozen backbone's last hidden state be turned t
 embeddings' space. head_offsets (optional, one row per item, zero at the start) unties the head in
 part: an item's output vector may move away from its input token, because the frozen backbone's last
 hidden state reads the catalogue best through vectors that are not the ones it reads best as inputs
-(model/head_init.py fits them in closed form). With identity, scale 1, bias 0 and no offsets the head
+(model/head_readout.py refits them in closed form). With identity, scale 1, bias 0 and no offsets the head
 is the paper's.
 """
 

@@ -99,6 +99,7 @@ class Trainer:
         self.content_documents = build_content_documents(space, split.train_reviews(dataset), dataset.item_texts,
                                                          config.max_text_tokens) if config.content else []
         self.val_users = sample_users(evaluation_users(split, "val"), config.val_users, config.seed)
+        self.n_train_users = sum(1 for items in split.train if len(items))  # what a refit reads (refit_seconds)
         self.epoch = 0  # epochs completed
         self.finetune_steps = 0  # optimizer steps of finetuning so far (the lr schedule's clock)
         self.best_score = -math.inf
@@ -233,8 +234,7 @@ class Trainer:
         training user where validation scores its sample, then a validation per share of the refit."""
         if not (self.config.head_refit and self.teacher is not None):
             return 0.0
-        n_train = sum(1 for items in self.split.train if len(items))
-        return self.validation_seconds * (n_train / max(len(self.val_users), 1) + len(REFIT_SHARES))
+        return self.validation_seconds * (self.n_train_users / max(len(self.val_users), 1) + len(REFIT_SHARES))
 
     def agree(self, batch, name: str) -> tuple[float, float, float] | None:
         """The step's (targets, documents, budget progress) over all ranks, from one all-reduce that also

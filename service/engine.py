@@ -46,8 +46,8 @@ from service.batcher import Batcher
 from service.catalogue import Catalogue, CatalogueState, LiveItem
 from service.histories import HistoryStore, seed_from_checkpoint
 from service.precision import PrecisionChoice, choose_cpu_precision
-from service.schemas import (ErasureResponse, HistoryResponse, InteractionsResponse, ItemResponse, RecommendedItem,
-                             RecommendQuery, RecommendResponse, ReloadResponse)
+from service.schemas import (ErasureResponse, HistoryResponse, InteractionsResponse, ItemResponse,
+                             RecommendQuery, ReloadResponse)
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -148,24 +148,14 @@ class ServedModel:
         return items, [self.popularity[i] for i in items]
 
     def response_json(self, answer: Answer) -> bytes:
-        """The response body, the JSON of the RecommendResponse that response() builds, from the items'
-        fragments encoded at load."""
+        """The response body, a RecommendResponse's JSON, joined from the items' fragments encoded at load
+        (built without validation: every field comes from this model)."""
         fragments = self.item_json
         items = b",".join(fragments[i][0] + repr(float(s)).encode() + fragments[i][1]
                           for i, s in zip(answer.items, answer.scores))
         return b"".join((b'{"user_id":', to_json(answer.user_id), b',"items":[', items, b'],"model_version":',
                          to_json(self.version), b',"cold_start":', to_json(answer.cold_start), b',"fallback":',
                          to_json(answer.fallback), b',"unknown_item_ids":', to_json(answer.unknown_item_ids), b"}"))
-
-    def response(self, answer: Answer) -> RecommendResponse:
-        """The response body; built without validation (every field comes from this model)."""
-        item_ids, titles = self.recommender.checkpoint.item_ids, self.titles
-        return RecommendResponse.model_construct(
-            user_id=answer.user_id,
-            items=[RecommendedItem.model_construct(item_id=item_ids[i], score=s, title=titles[i])
-                   for i, s in zip(answer.items, answer.scores)],
-            model_version=self.version, cold_start=answer.cold_start, fallback=answer.fallback,
-            unknown_item_ids=answer.unknown_item_ids)
 
     def warm_up_job(self) -> ScoreJob:
         return self.job(0 if self.recommender.space.n_users else None, [0], [0], 1)
@@ -438,7 +428,7 @@ class Engine:
             raise exists
         return await self.item(item.item_id)
 
-    async def similar_items(self, item_id: str, k: int) -> RecommendResponse:
+    async def similar_items(self, item_id: str, k: int) -> bytes:
         """The items most likely after this one: one forward pass of the trainer's history-only prompt
         with this item alone (`a user has interacted with <item>, the user will interact with`), the
         same head as /recommend; the item itself and retired items left out."""
@@ -449,7 +439,8 @@ class Engine:
             raise UnknownItem(f"no item {item_id!r} in the catalogue of model {model.version}")
         excluded = sorted({index, *model.indices(state.retired)})
         items, scores = await self.batcher.submit(model.job(None, [index], excluded, k))
-        return model.response(Answer(item_id, items, scores, cold_start=True, fallback=None, unknown_item_ids=[]))
+        return model.response_json(Answer(item_id, items, scores, cold_start=True, fallback=None,
+                                          unknown_item_ids=[]))
 
     async def set_item_available(self, item_id: str, available: bool) -> ItemResponse:
         await self.item(item_id)  # refuses unknown ids before anything is stored

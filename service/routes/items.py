@@ -6,6 +6,7 @@ catalogue, and retiring it; GET /items/{item_id}/similar: the items most likely 
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Query
+from fastapi.responses import Response
 
 from service.dependencies import get_engine, require_read_key, require_write_key
 from service.engine import Engine
@@ -37,13 +38,13 @@ def create_router(models: RequestModels) -> APIRouter:
         return await engine.item(item_id)
 
     @router.get("/items/{item_id}/similar", summary="Items most likely after this one", responses=RECOMMEND_ERRORS,
-                dependencies=[Depends(require_read_key)])
+                dependencies=[Depends(require_read_key)], response_model=RecommendResponse)
     async def similar(item_id: ItemId, engine: EngineDep,
-                      k: Annotated[models.k, Query()] = DEFAULT_K) -> RecommendResponse:
+                      k: Annotated[models.k, Query()] = DEFAULT_K) -> Response:
         """One forward pass of the trainer's history-only prompt holding this item alone, scored by the
         same item head as /recommend; the item itself and retired items are left out. `user_id` in
         the answer is the item's id."""
-        return await engine.similar_items(item_id, k)
+        return Response(await engine.similar_items(item_id, k), media_type="application/json")
 
     @router.patch("/items/{item_id}", summary="Retire or restore an item", responses={**STORE_UNAVAILABLE,
                                                                                      **BODY_TOO_LARGE},

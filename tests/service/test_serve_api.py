@@ -266,10 +266,16 @@ def test_answers_encoded_from_fragments_are_the_response_models_json(tiny_checkp
 
     from service.catalogue import LiveItem
     from service.engine import Answer, ServedModel
+    from service.schemas import RecommendedItem, RecommendResponse
 
     model = ServedModel.load(tiny_checkpoint, server_settings(tiny_checkpoint))
     model.add_live_items([LiveItem(item_id='live "ü"', title='a "quoted" title, ü\\n', description=None)])
     live = len(model.titles) - 1
     answer = Answer('user "ü"', [0, live, 2], [1.5, -0.25, 1e-5], cold_start=True, fallback="most_popular",
                     unknown_item_ids=['x"y'])
-    assert json.loads(model.response_json(answer)) == json.loads(model.response(answer).model_dump_json())
+    ids = model.recommender.checkpoint.item_ids
+    expected = RecommendResponse(
+        user_id=answer.user_id, model_version=model.version, cold_start=True, fallback="most_popular",
+        unknown_item_ids=['x"y'], items=[RecommendedItem(item_id=ids[i], score=s, title=model.titles[i])
+                                         for i, s in zip(answer.items, answer.scores)])
+    assert json.loads(model.response_json(answer)) == json.loads(expected.model_dump_json())
