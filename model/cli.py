@@ -10,6 +10,7 @@ import time
 
 import torch
 
+from model import distributed
 from model.checkpoint import load_recommender, read_checkpoint
 from model.data import DataError, load_dataset
 from model.evaluate import (EASE_LAMBDA_USERS, EASE_LAMBDAS, ease_scorer, evaluate_cllm4rec, evaluate_scorer,
@@ -118,10 +119,12 @@ def run_train(args) -> int:
     try:
         best = train(config)
     except KeyboardInterrupt:
+        distributed.leave(130)
         return 130
     if best:
         print(f"best epoch {best['epoch']} ({best['stage']}): " +
               " ".join(f"{k}={v:.4f}" for k, v in best["val"].items()) + f"; checkpoint in {config.out}")
+    distributed.leave(0)
     return 0
 
 
