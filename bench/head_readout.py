@@ -1,11 +1,12 @@
 """The closed-form head on an untrained model: how much of the teacher a linear readout of the frozen
 backbone reaches before any gradient step, by depth.
 
-    python bench/head_readout.py --data ../shared/data/amazon-scientific --layers 2 4 8
+    python bench/head_readout.py --data ../shared/data/amazon-scientific --layers 2 4 8 [--readout]
 
 For each depth: SmolLM2 cut to that many layers, soft tokens from their text (--init text), the teacher
 the trainer would fit (EASE with item text, the given text weight), the head refitted in closed form
-towards it (model/head_readout.py), and validation Recall@20 / Recall@40 / NDCG@100 on the trainer's
+towards it (model/head_readout.py; with --readout it also reads the readout states, --head-readout),
+and validation Recall@20 / Recall@40 / NDCG@100 on the trainer's
 fixed sample of validation users, with the seconds the refit took. One JSON line per depth.
 """
 
@@ -35,6 +36,7 @@ def main() -> None:
     parser.add_argument("--text-weight", type=float, default=1.0, help="the teacher's text weight (0: plain EASE)")
     parser.add_argument("--temperature", type=float, default=0.125)
     parser.add_argument("--distill-weight", type=float, default=1.0)
+    parser.add_argument("--readout", action="store_true", help="the head also reads the readout states (--head-readout)")
     args = parser.parse_args()
     dataset = load_dataset(args.data)
     split = split_dataset(dataset, 0)
@@ -44,14 +46,14 @@ def main() -> None:
     for layers in args.layers:
         backbone, tokenizer = load_backbone(DEFAULT_BACKBONE, layers)
         torch.manual_seed(0)
-        model = CLLM4Rec(backbone, dataset.n_users, dataset.n_items, head_offsets=True)
+        model = CLLM4Rec(backbone, dataset.n_users, dataset.n_items, head_offsets=True, head_readout=args.readout)
         space = TokenSpace(tokenizer, model.n_words, dataset.n_users, dataset.n_items, PromptTemplates())
         initialise(model, "text", tokenizer, dataset, split, model.hidden_size)
         started = time.monotonic()
         refit_head(model, space, split, teacher, args.temperature, args.distill_weight, 50, 64)
         seconds = time.monotonic() - started
         metrics = evaluate_cllm4rec(model, space, split, "val", val, 50, 64)
-        print(json.dumps({"layers": layers, "refit_seconds": round(seconds, 1), "threads": torch.get_num_threads(),
+        print(json.dumps({"layers": layers, "readout": args.readout, "refit_seconds": round(seconds, 1), "threads": torch.get_num_threads(),
                           **{k: round(v, 4) for k, v in metrics.items()}}), flush=True)
 
 

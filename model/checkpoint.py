@@ -5,8 +5,8 @@
                             sha256 of every file below
     embeddings.safetensors  collab_users, collab_items, content_users, content_items (float32), and the
                             item head's item_bias, logit_scale and head_projection (format 2; format 1
-                            has none: bias 0, scale 1, identity, the paper's head) and head_offsets when
-                            the head has them (--head-offsets), and the backbone's
+                            has none: bias 0, scale 1, identity, the paper's head), head_offsets and
+                            head_readout when the head has them (--head-offsets, --head-readout), and the backbone's
                             low-rank adapters, adapter.<block>.<path>.down/up, when it has them
                             (checkpoint.json's "adapters": rank, blocks and targets)
     split.safetensors       the train/val/test split as (user, item, part) index arrays
@@ -53,6 +53,7 @@ TABLES = ("collab_users", "collab_items", "content_users", "content_items")
 SCORING_TABLES = ("collab_users", "collab_items")  # what scoring reads: the collaborative view
 HEAD = ("item_bias", "logit_scale", "head_projection")
 HEAD_OFFSETS = "head_offsets"  # only in checkpoints of a head with per-item offsets (--head-offsets)
+HEAD_READOUT = "head_readout"  # only in checkpoints of a head that reads the readout states (--head-readout)
 
 
 class CheckpointError(ValueError):
@@ -123,6 +124,8 @@ def model_tensors(model: CLLM4Rec) -> dict[str, torch.Tensor]:
     tensors.update({name: getattr(model, name).detach().float().cpu() for name in HEAD})
     if model.has_head_offsets:
         tensors[HEAD_OFFSETS] = model.head_offsets.detach().float().cpu()
+    if model.has_head_readout:
+        tensors[HEAD_READOUT] = model.head_readout.detach().float().cpu()
     tensors.update(adapter_tensors(model.adapters))
     return tensors
 
@@ -143,6 +146,11 @@ def load_model_tensors(model: CLLM4Rec, tensors: dict[str, torch.Tensor]) -> Non
                 getattr(model, name).copy_(tensors[name])
         if model.has_head_offsets:
             model.head_offsets.copy_(tensors[HEAD_OFFSETS])
+        if model.has_head_readout:
+            if model.head_readout.shape != tensors[HEAD_READOUT].shape:
+                raise RuntimeError(f"{HEAD_READOUT} has shape {tuple(tensors[HEAD_READOUT].shape)}, the model "
+                                   f"{tuple(model.head_readout.shape)}")
+            model.head_readout.copy_(tensors[HEAD_READOUT])
     load_adapter_tensors(model.adapters, tensors)
 
 
@@ -310,7 +318,8 @@ def build_model(checkpoint: Checkpoint, backbone_model, tokenizer) -> tuple[CLLM
             f"of width {meta['backbone']['hidden_size']}")
     model = CLLM4Rec(backbone_model, meta["n_users"], meta["n_items"], init_std=None,
                      content_view=all(name in checkpoint.embeddings for name in TABLES),
-                     head_offsets=HEAD_OFFSETS in checkpoint.embeddings)
+                     head_offsets=HEAD_OFFSETS in checkpoint.embeddings,
+                     head_readout=HEAD_READOUT in checkpoint.embeddings)
     if meta.get("adapters"):
         try:
             model.attach_adapters(meta["adapters"]["rank"], meta["adapters"]["layers"], meta["adapters"]["targets"])

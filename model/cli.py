@@ -55,6 +55,9 @@ HELP = {
     "head_refit": "after finetuning, refit the head's offsets and bias in closed form (least squares from the "
                   "features the head reads on the served prompt to the logits of the teacher's target, over the "
                   "training users); kept when validation improves. Needs --head-offsets and a teacher",
+    "head_readout": "the refitted head also reads the states at the prompt's end after every inner block and "
+                    "the mean over its item positions of every layer's states, the soft tokens included (a "
+                    "table per block of states, set by the refit alone; not in the paper). Needs --head-refit",
     "adapter_rank": "rank of low-rank adapters (LoRA) on every linear map of the backbone's last blocks, trained "
                     "with the collaborative view (0: none, the paper's frozen backbone)",
     "adapter_layers": "how many of the backbone's last transformer blocks get adapters",

@@ -10,6 +10,7 @@ model can only ever name items that exist. Head parameters that the paper does n
 (docs/training.md, ablations) sit on top of the tie:
 
     logit_j = logit_scale * ((head_projection @ hidden) . (collab_items[j] + head_offsets[j])) + item_bias[j]
+              + readout_states . head_readout[j]
 
 logit_scale lets the sharpness of the softmax be learned instead of being carried by the norms of
 576-wide embeddings; item_bias carries popularity, which a dot product can only express by bending
@@ -18,8 +19,12 @@ is a small adapter that lets the frozen backbone's last hidden state be turned t
 embeddings' space. head_offsets (optional, one row per item, zero at the start) unties the head in
 part: an item's output vector may move away from its input token, because the frozen backbone's last
 hidden state reads the catalogue best through vectors that are not the ones it reads best as inputs
-(model/head_readout.py refits them in closed form). With identity, scale 1, bias 0 and no offsets the head
-is the paper's.
+(model/head_readout.py refits them in closed form). head_readout (optional, set by that refit alone, zero
+until then) reads more of the same forward pass than the last block's state at the prompt's end:
+readout_states are the states at the prompt's end after every inner block and the mean over the prompt's
+item positions of every layer's states, the soft tokens themselves (layer 0) included, one hidden-wide
+block each. With identity, scale 1, bias 0, no offsets and no readout the head is
+the paper's.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from model.adapters import LowRankAdapter, attach_adapters
 from model.prompts import Document
 
 COLLAB, CONTENT = "collab", "content"
-# Ridge of the map from item tokens to the head's output vectors (predicted_output_vectors), relative to
+# Ridge of the map from item tokens to the head's rows (predicted_head_rows), relative to
 # the mean squared token coordinate summed over the catalogue: it keeps the map smooth where few items lie.
 PLACEMENT_RIDGE = 1e-2
 
@@ -121,13 +126,16 @@ def collate_recommend(prompts: Sequence[list[int]], targets: Sequence[Sequence[i
 
 class CLLM4Rec(nn.Module):
     def __init__(self, backbone: nn.Module, n_users: int, n_items: int, init_std: float | None = 0.02,
-                 content_view: bool = True, head_offsets: bool = False):
+                 content_view: bool = True, head_offsets: bool = False, head_readout: bool = False):
         """content_view=False: a model for scoring alone (serving, evaluation), whose content tables are
         empty; scores only ever read the collaborative view, and the content tables are half of the
         per-user memory. init_std=None leaves the tables unwritten (never resident in memory) for a
         checkpoint's tensors to replace (model.checkpoint.load_model_tensors). head_offsets: the head
-        has per-item output offsets (else the table is empty and the head fully tied)."""
+        has per-item output offsets (else the table is empty and the head fully tied). head_readout: the head
+        also reads the readout states (prompt_states; else that table is empty)."""
         super().__init__()
+        if head_readout and not head_offsets:
+            raise ValueError("a head with a readout needs offsets: the refit writes both")
         self.backbone = backbone
         self.backbone.requires_grad_(False)
         word_embeddings = backbone.get_input_embeddings()
@@ -153,6 +161,11 @@ class CLLM4Rec(nn.Module):
         self.logit_scale = nn.Parameter(torch.ones(()))
         self.head_projection = nn.Parameter(torch.eye(hidden))
         self.head_offsets = nn.Parameter(torch.zeros(n_items if head_offsets else 0, hidden))
+        # Not trained by gradient: only the closed-form refit writes it (a gradient would cost the memory of
+        # a catalogue-wide table per layer), so it stays zero, and out of the logits, until then.
+        readout_width = 2 * backbone.config.num_hidden_layers * hidden if head_readout else 0
+        self.head_readout = nn.Parameter(torch.zeros(n_items if head_readout else 0, readout_width),
+                                         requires_grad=False)
         self.input_gradients = True  # train the soft tokens through the backbone too (the paper); see embed()
         self.adapters: dict[str, LowRankAdapter] = {}  # low-rank adapters in the backbone (model.adapters), if any
         self.adapter_rank = self.adapter_layers = 0
@@ -169,8 +182,10 @@ class CLLM4Rec(nn.Module):
         the tied head scores them from the next forward pass on, without retraining."""
         vectors = vectors.to(self.collab_items.weight)
         if self.has_head_offsets:
-            offsets = self.predicted_output_vectors(vectors) - vectors
+            offsets, readout = self.predicted_head_rows(vectors)
             self.head_offsets = nn.Parameter(torch.cat([self.head_offsets, offsets.to(self.head_offsets)]))
+            self.head_readout = nn.Parameter(torch.cat([self.head_readout, readout.to(self.head_readout)]),
+                                             requires_grad=False)
         for table in (self.collab_items, self.content_items) if self.content_view else (self.collab_items,):
             table.weight = nn.Parameter(torch.cat([table.weight, vectors.to(table.weight)]))
             table.num_embeddings = table.weight.shape[0]
@@ -178,20 +193,25 @@ class CLLM4Rec(nn.Module):
         self.n_items += len(vectors)
 
     @torch.no_grad()
-    def predicted_output_vectors(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The head's output vectors (token + offset) for item tokens that have no offset of their own yet:
-        the ridge-regression map from the catalogue's tokens to its output vectors, applied to them. A
-        trained (or refitted) head's output vectors are on another scale than the tokens, so a new item
-        scored through its bare token would be out of place."""
+    def predicted_head_rows(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The head's rows (offsets, readout) for item tokens that have none of their own yet: the
+        ridge-regression map from the catalogue's tokens to its output vectors (token + offset) and readout
+        rows, applied to them. A trained (or refitted) head's output vectors are on another scale than the
+        tokens, so a new item scored through its bare token would be out of place."""
         tokens_now = self.collab_items.weight.detach().double()
-        outputs = tokens_now + self.head_offsets.detach().double()
+        rows = torch.cat([tokens_now + self.head_offsets.detach().double(), self.head_readout.double()], 1)
         gram = tokens_now.T @ tokens_now
         gram.diagonal().add_(PLACEMENT_RIDGE * float(gram.diagonal().mean()))
-        return tokens.double() @ torch.linalg.solve(gram, tokens_now.T @ outputs)
+        predicted = tokens.double() @ torch.linalg.solve(gram, tokens_now.T @ rows)
+        return predicted[:, : self.hidden_size] - tokens.double(), predicted[:, self.hidden_size :]
 
     @property
     def has_head_offsets(self) -> bool:
         return len(self.head_offsets) > 0
+
+    @property
+    def has_head_readout(self) -> bool:
+        return self.head_readout.shape[1] > 0
 
     def tables(self, view: str) -> tuple[nn.Embedding, nn.Embedding]:
         return (self.collab_users, self.collab_items) if view == COLLAB else (self.content_users, self.content_items)
@@ -224,6 +244,25 @@ class CLLM4Rec(nn.Module):
                                        use_cache=False)
         return out.last_hidden_state
 
+    def prompt_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What the item head reads of recommendation prompts (collaborative view): the last hidden state at
+        each prompt's end [B, hidden] and, with a readout, the readout states [B, readout width]: the state at
+        the prompt's end after each inner block (the embeddings' there is a fixed word's), then the mean over
+        the prompt's item positions of the embeddings and of each block's output (zeros without items)."""
+        out = self.backbone.base_model(inputs_embeds=self.embed(input_ids, COLLAB), attention_mask=attention_mask,
+                                       use_cache=False, output_hidden_states=self.has_head_readout)
+        ends = attention_mask.sum(1) - 1
+        last = out.last_hidden_state[torch.arange(len(input_ids), device=input_ids.device), ends]
+        if not self.has_head_readout:
+            return last, None
+        layers = (*out.hidden_states[:-1], out.last_hidden_state)  # the embeddings, then every block's output
+        at_end = [states[torch.arange(len(input_ids), device=input_ids.device), ends] for states in layers[1:-1]]
+        is_item = (input_ids >= self.n_words + self.n_users) & attention_mask.bool()
+        weights = is_item.to(last.dtype) / is_item.sum(1, keepdim=True).clamp(min=1).to(last.dtype)
+        item_means = [torch.einsum("bt,bth->bh", weights, states) for states in layers]
+        return last, torch.cat(at_end + item_means, 1)
+
     def head_parameters(self, bias: bool = True, projection: bool = False) -> list[nn.Parameter]:
         """The dense parameters the collaborative view trains besides its tables: the head's, the adapters'."""
         adapters = [p for adapter in self.adapters.values() for p in (adapter.down, adapter.up)]
@@ -231,8 +270,9 @@ class CLLM4Rec(nn.Module):
         return ([self.item_bias, self.logit_scale] if bias else []) + ([self.head_projection] if projection else []) \
             + offsets + adapters
 
-    def item_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Scores of every item: the item head is tied to the collaborative item embeddings.
+    def item_logits(self, hidden: torch.Tensor, readout_states: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores of every item: the item head is tied to the collaborative item embeddings. readout_states:
+        what the readout reads (prompt_states), None where there is none (next-item positions in pretraining).
 
         Always float32, also inside CUDA's bf16 autocast: bf16 logits tie items in the top k, and
         validation, the best-epoch choice and served rankings all read these scores."""
@@ -241,7 +281,10 @@ class CLLM4Rec(nn.Module):
             if self.has_head_offsets:
                 items = items + self.head_offsets.float()
             logits = (hidden.float() @ self.head_projection.float().T) @ items.T
-            return self.logit_scale.float() * logits + self.item_bias.float()
+            logits = self.logit_scale.float() * logits + self.item_bias.float()
+            if readout_states is not None:
+                logits = logits + readout_states.float() @ self.head_readout.float().T
+            return logits
 
     # --- losses --------------------------------------------------------------------------------
     def mutual_regularization(self, view: str, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
@@ -282,9 +325,7 @@ class CLLM4Rec(nn.Module):
         return -(log_probs * targets).sum()
 
     def prompt_item_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.hidden_states(input_ids, attention_mask, COLLAB)
-        last = attention_mask.sum(dim=1) - 1
-        return self.item_logits(hidden[torch.arange(len(last), device=last.device), last])
+        return self.item_logits(*self.prompt_states(input_ids, attention_mask))
 
 
 def inference_autocast(model: CLLM4Rec):

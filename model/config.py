@@ -59,6 +59,7 @@ class TrainConfig:
     head_adapter: bool = False  # train a square projection of the last hidden state before the head (not in the paper)
     head_offsets: bool = False  # per-item output offsets in the head, trained with it (not in the paper)
     head_refit: bool = False  # after finetuning, the head refitted in closed form (model/head_readout.py)
+    head_readout: bool = False  # the refit also reads every layer's states (model/cllm4rec.py; not in the paper)
     adapter_rank: int = 0  # low-rank adapters on the backbone's last blocks (0: none, the paper's frozen backbone)
     adapter_layers: int = 4  # how many of the last transformer blocks get adapters
     adapter_targets: str = "all"  # which linear maps of those blocks: all, or attention
@@ -104,6 +105,7 @@ class TrainConfig:
             (self.adapter_targets in ADAPTER_TARGETS, f"--adapter-targets must be one of {', '.join(ADAPTER_TARGETS)}"),
             (not self.head_refit or (self.head_offsets and self.distill_weight > 0),
              "--head-refit needs --head-offsets and a teacher (--distill-weight above 0)"),
+            (not self.head_readout or self.head_refit, "--head-readout needs --head-refit (the refit sets it)"),
             (self.distill_weight >= 0, "--distill-weight must not be negative"),
             (self.distill_temperature > 0, "--distill-temperature must be positive"),
             (self.distill_lambda > 0, "--distill-lambda must be positive"),

@@ -5,34 +5,39 @@ least-squares readout, from the features the head reads on the served prompt to 
 finetuning's target, fits them exactly in one forward pass over the training users:
 
     f_u   logit_scale * (head_projection @ h_u), h_u the last hidden state of user u's prompt with the
-          whole training history (the prompt that validation and serving use)
+          whole training history (the prompt that validation and serving use), and with --head-readout
+          the readout states (the states at the prompt's end after every inner block, the mean over
+          its item positions of every layer's states)
     s_u   the logits of finetuning's target distribution for that prompt, minus their mean (a softmax
           ignores a user's constant): the teacher's logits (its scores at the distillation temperature)
           for the items not in the prompt, which hold distill_weight / (1 + distill_weight) of the
           target, and for the prompt's own items (the multinomial targets, the rest, equally shared)
           the logit that gives them that share
-    [W; b] = argmin sum_u ||W f_u + b - s_u||^2 + ridge ||W||^2        (W: items x hidden, b: items)
+    [W; b] = argmin sum_u ||W f_u + b - s_u||^2 + sum_blocks ridge_k ||W_k||^2   (W: items x features, b: items)
 
-and logit_j = f . (e_j + offset_j) + b_j, so the refit sets offset_j = W_j - e_j and bias_j = b_j: the
-tied item embeddings e_j stay the prompt's input tokens, the offsets untie the head's side
-(--head-offsets). Training users only, scored by a teacher fitted on the training part: no validation
+and logit_j = f . (e_j + offset_j) + b_j (+ readout states . readout_j), so the refit sets offset_j =
+W_j - e_j on the last state's block, readout_j on the rest and bias_j = b_j: the tied item embeddings e_j
+stay the prompt's input tokens, the offsets untie the head's side (--head-offsets). Training users only, scored by a teacher fitted on the training part: no validation
 or test item reaches it. Measured in docs/training.md ("The head refitted in closed form").
 """
 
 from __future__ import annotations
 
 import math
+import time
+from dataclasses import dataclass
 
 import torch
 
-from model.cllm4rec import COLLAB, CLLM4Rec, inference_autocast, pad
+from model.cllm4rec import CLLM4Rec, inference_autocast, pad
 from model.data import Split
 from model.prompts import TokenSpace, build_recommend_prompt
 from model.teachers import Teacher
 
-# Ridge of the readout, relative to the mean diagonal of the features' Gram matrix: users far outnumber
-# the hidden width, so it only guards the solve; the readout's validation figures were flat from about
-# 4e-9 to 4e-6 of that scale on amazon-scientific.
+# Ridge of the readout, relative to the mean diagonal of each hidden-wide block of the features' Gram
+# matrix (layers' states differ in scale by orders of magnitude): users far outnumber the features, so it
+# only guards the solve; the readout's validation figures were flat from about 4e-9 to 4e-6 of that scale
+# on amazon-scientific, and fell by 1-3% at 1e-4 with the readout states on both datasets.
 RELATIVE_RIDGE = 1e-6
 # How much of the refit the head takes, (1 - share) x the trained head + share x the refit, each
 # validated (the trained head is share 0): the whole refit was best on amazon-scientific (+14% Recall@20),
@@ -54,47 +59,97 @@ def target_logits(teacher: Teacher, histories: list[list[int]], temperature: flo
 
 @torch.no_grad()
 def head_features(model: CLLM4Rec, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """[B, hidden] what the head dots with the item vectors: logit_scale * (head_projection @ last hidden state),
-    the backbone computing as scoring does (bf16 on CUDA)."""
+    """[B, hidden (+ readout width)] what the head dots with the item vectors: logit_scale x (head_projection
+    @ last hidden state), then the readout states with a readout; the backbone computing as scoring does."""
     with inference_autocast(model):
-        hidden = model.hidden_states(input_ids, attention_mask, COLLAB)
-    last = hidden[torch.arange(len(input_ids), device=input_ids.device), attention_mask.sum(1) - 1]
-    return model.logit_scale.float() * (last.float() @ model.head_projection.float().T)
+        last, readout_states = model.prompt_states(input_ids, attention_mask)
+    features = model.logit_scale.float() * (last.float() @ model.head_projection.float().T)
+    return features if readout_states is None else torch.cat([features, readout_states.float()], 1)
+
+
+def refitted_parameters(model: CLLM4Rec) -> tuple[torch.Tensor, ...]:
+    """The head's parameters the refit writes: offsets, bias and readout."""
+    return model.head_offsets, model.item_bias, model.head_readout
 
 
 @torch.no_grad()
-def mix_heads(model: CLLM4Rec, trained: tuple[torch.Tensor, torch.Tensor], refitted: tuple[torch.Tensor, torch.Tensor],
+def mix_heads(model: CLLM4Rec, trained: tuple[torch.Tensor, ...], refitted: tuple[torch.Tensor, ...],
               share: float) -> None:
-    """Offsets and bias at (1 - share) x trained + share x refitted, each an (offsets, bias) pair: the
-    logits are mixed the same way, since they are linear in both."""
-    model.head_offsets.copy_(torch.lerp(trained[0], refitted[0], share))
-    model.item_bias.copy_(torch.lerp(trained[1], refitted[1], share))
+    """The refitted parameters at (1 - share) x trained + share x refitted, each given as refitted_parameters
+    lists them: the logits are mixed the same way, since they are linear in all of them."""
+    for parameter, old, new in zip(refitted_parameters(model), trained, refitted):
+        parameter.copy_(torch.lerp(old, new, share))
+
+
+@dataclass
+class NormalEquations:
+    """The readout's least-squares system, summed over batches of training users."""
+
+    gram: torch.Tensor  # [features + 1, features + 1], the last feature a constant (the bias)
+    moments: torch.Tensor  # [features + 1, items]
+
+    @classmethod
+    def empty(cls, model: CLLM4Rec) -> NormalEquations:
+        width = model.hidden_size + model.head_readout.shape[1] + 1
+        device = model.collab_items.weight.device
+        return cls(torch.zeros(width, width, dtype=torch.float64, device=device),
+                   torch.zeros(width, model.n_items, dtype=torch.float64, device=device))
+
+    @torch.no_grad()
+    def add(self, model: CLLM4Rec, space: TokenSpace, split: Split, users: list[int], teacher: Teacher,
+            temperature: float, distill_weight: float, max_history: int) -> None:
+        """Add these training users' whole-history prompts (the model in eval mode)."""
+        device = self.gram.device
+        histories = [split.train[u].tolist() for u in users]
+        ids, mask = pad([build_recommend_prompt(space, u, h, max_history) for u, h in zip(users, histories)])
+        features = head_features(model, ids.to(device), mask.to(device)).double()
+        features = torch.cat([features, features.new_ones(len(users), 1)], 1)
+        self.gram += features.T @ features
+        self.moments += features.T @ target_logits(teacher, histories, temperature, distill_weight).to(device)
+
+
+def refit_users(split: Split) -> list[int]:
+    """The users the refit reads: every training user with a history."""
+    return [u for u, items in enumerate(split.train) if len(items)]
 
 
 @torch.no_grad()
 def refit_head(model: CLLM4Rec, space: TokenSpace, split: Split, teacher: Teacher, temperature: float,
                distill_weight: float, max_history: int, batch_size: int) -> None:
-    """Set the head's offsets and bias to the closed-form readout. The model must have head offsets."""
+    """Set the head's offsets, bias (and readout) to the closed-form readout. The model must have head offsets."""
     if not model.has_head_offsets:
         raise ValueError("refitting the head needs a head with offsets (--head-offsets)")
-    device = model.collab_items.weight.device
-    users = [u for u, items in enumerate(split.train) if len(items)]
-    width = model.hidden_size + 1  # the features and a constant (the bias)
-    gram = torch.zeros(width, width, dtype=torch.float64, device=device)
-    moments = torch.zeros(width, model.n_items, dtype=torch.float64, device=device)
+    users = refit_users(split)
+    system = NormalEquations.empty(model)
     was_training = model.training
     model.eval()
     for start in range(0, len(users), batch_size):
-        batch = users[start : start + batch_size]
-        histories = [split.train[u].tolist() for u in batch]
-        ids, mask = pad([build_recommend_prompt(space, u, h, max_history) for u, h in zip(batch, histories)])
-        features = head_features(model, ids.to(device), mask.to(device)).double()
-        features = torch.cat([features, features.new_ones(len(batch), 1)], 1)
-        gram += features.T @ features
-        moments += features.T @ target_logits(teacher, histories, temperature, distill_weight).to(device)
+        system.add(model, space, split, users[start : start + batch_size], teacher, temperature, distill_weight,
+                   max_history)
     model.train(was_training)
-    gram[:-1, :-1].diagonal().add_(RELATIVE_RIDGE * float(gram.diagonal()[:-1].mean()))
-    readout = torch.linalg.solve(gram, moments)  # [hidden + 1, items]
+    gram = system.gram
+    block_scale = gram.diagonal()[:-1].reshape(-1, model.hidden_size).mean(1)
+    gram[:-1, :-1].diagonal().add_(RELATIVE_RIDGE * block_scale.repeat_interleave(model.hidden_size))
+    readout = torch.linalg.solve(gram, system.moments)  # [features + 1, items]
     items = model.collab_items.weight
-    model.head_offsets.copy_(readout[:-1].T.to(items.dtype) - items)
+    model.head_offsets.copy_(readout[: model.hidden_size].T.to(items.dtype) - items)
+    if model.has_head_readout:
+        model.head_readout.copy_(readout[model.hidden_size : -1].T.to(items.dtype))
     model.item_bias.copy_(readout[-1].to(items.dtype))
+
+
+@torch.no_grad()
+def estimate_refit_seconds(model: CLLM4Rec, space: TokenSpace, split: Split, teacher: Teacher, temperature: float,
+                           distill_weight: float, max_history: int, batch_size: int) -> float:
+    """How long refit_head will take, from one timed batch of it (its first) times the number of batches:
+    the forward pass, the teacher's targets and the float64 products over the catalogue all grow with the
+    data, the readout's width and the machine, which no fixed estimate follows."""
+    users = refit_users(split)
+    system = NormalEquations.empty(model)
+    was_training = model.training
+    model.eval()
+    started = time.perf_counter()
+    system.add(model, space, split, users[:batch_size], teacher, temperature, distill_weight, max_history)
+    seconds = time.perf_counter() - started
+    model.train(was_training)
+    return seconds * math.ceil(len(users) / batch_size)

@@ -46,7 +46,7 @@ from model.data import Dataset, Split, load_dataset, split_dataset
 from model import distributed
 from model.distributed import Ranks, broadcast_object, broadcast_parameters, share, sum_across, sum_gradients
 from model.evaluate import evaluate_cllm4rec, evaluation_users, sample_users, selection_score
-from model.head_readout import REFIT_SHARES, mix_heads, refit_head
+from model.head_readout import REFIT_SHARES, estimate_refit_seconds, mix_heads, refit_head, refitted_parameters
 from model.initialise import initialise
 from model.optimisation import (decay_rows, load_optimizer_tensors, make_optimizers, optimizer_tensors,
                                 scheduled_lr, set_lr)
@@ -99,7 +99,6 @@ class Trainer:
         self.content_documents = build_content_documents(space, split.train_reviews(dataset), dataset.item_texts,
                                                          config.max_text_tokens) if config.content else []
         self.val_users = sample_users(evaluation_users(split, "val"), config.val_users, config.seed)
-        self.n_train_users = sum(1 for items in split.train if len(items))  # what a refit reads (refit_seconds)
         self.epoch = 0  # epochs completed
         self.finetune_steps = 0  # optimizer steps of finetuning so far (the lr schedule's clock)
         self.best_score = -math.inf
@@ -109,6 +108,7 @@ class Trainer:
         started = time.monotonic() if started is None else started
         self.deadline = started + 60 * config.time_budget if config.time_budget else math.inf
         self.validation_seconds = 0.0  # the last validation's duration: a budget keeps room for one more
+        self.head_refit_seconds: float | None = None  # the refit's estimate (refit_seconds), timed when first asked
         self.finetune_started: float | None = None  # when this process began finetuning (the budget's share)
         self.out_of_time = False
         self.interrupted = False  # Ctrl-C or SIGTERM under torchrun: every rank stops at the same step
@@ -230,11 +230,16 @@ class Trainer:
         return self.out_of_time
 
     def refit_seconds(self) -> float:
-        """The time --head-refit will take, estimated from the last validation: a forward pass over every
-        training user where validation scores its sample, then a validation per share of the refit."""
+        """The time --head-refit will take: the refit itself, timed on one of its batches the first time
+        the budget asks (model/head_readout.py), then a validation per share of the refit."""
         if not (self.config.head_refit and self.teacher is not None):
             return 0.0
-        return self.validation_seconds * (self.n_train_users / max(len(self.val_users), 1) + len(REFIT_SHARES))
+        if self.head_refit_seconds is None:
+            c = self.config
+            self.head_refit_seconds = estimate_refit_seconds(
+                self.model, self.space, self.split, self.teacher, c.distill_temperature, c.distill_weight,
+                c.max_history, c.eval_batch_size)
+        return self.head_refit_seconds + self.validation_seconds * len(REFIT_SHARES)
 
     def agree(self, batch, name: str) -> tuple[float, float, float] | None:
         """The step's (targets, documents, budget progress) over all ranks, from one all-reduce that also
@@ -421,10 +426,10 @@ class Trainer:
             if self.ranks.is_main:
                 ckpt.load_model_tensors(self.model, ckpt.read_checkpoint(self.out).embeddings)
             broadcast_parameters([p for p in self.model.parameters() if p.requires_grad], self.ranks)
-        trained = (self.model.head_offsets.detach().clone(), self.model.item_bias.detach().clone())
+        trained = tuple(p.detach().clone() for p in refitted_parameters(self.model))
         refit_head(self.model, self.space, self.split, self.teacher, c.distill_temperature, c.distill_weight,
                    c.max_history, c.eval_batch_size)
-        refitted = (self.model.head_offsets.detach().clone(), self.model.item_bias.detach().clone())
+        refitted = tuple(p.detach().clone() for p in refitted_parameters(self.model))
         if self.ranks.is_main:
             print(f"head refitted in closed form on epoch {epoch}'s model ({time.monotonic() - started:.0f} s)")
         kept = 0.0
@@ -554,7 +559,7 @@ def _train(config: TrainConfig, device: torch.device, ranks: Ranks) -> dict:
     backbone, tokenizer = load_backbone(config.backbone, config.backbone_layers, device)
     torch.manual_seed(config.seed)
     model = CLLM4Rec(backbone, dataset.n_users, dataset.n_items, config.init_std,
-                     head_offsets=config.head_offsets).to(device)
+                     head_offsets=config.head_offsets, head_readout=config.head_readout).to(device)
     if config.adapter_rank:
         try:
             model.attach_adapters(config.adapter_rank, config.adapter_layers, config.adapter_targets)
