@@ -164,8 +164,7 @@ class CLLM4Rec(nn.Module):
         # Not trained by gradient: only the closed-form refit writes it (a gradient would cost the memory of
         # a catalogue-wide table per layer), so it stays zero, and out of the logits, until then.
         readout_width = 2 * backbone.config.num_hidden_layers * hidden if head_readout else 0
-        self.head_readout = nn.Parameter(torch.zeros(n_items if head_readout else 0, readout_width),
-                                         requires_grad=False)
+        self.head_readout = nn.Parameter(torch.zeros(n_items, readout_width), requires_grad=False)  # 0 wide: off
         self.input_gradients = True  # train the soft tokens through the backbone too (the paper); see embed()
         self.adapters: dict[str, LowRankAdapter] = {}  # low-rank adapters in the backbone (model.adapters), if any
         self.adapter_rank = self.adapter_layers = 0
@@ -177,12 +176,22 @@ class CLLM4Rec(nn.Module):
         self.adapter_rank, self.adapter_layers, self.adapter_targets = rank, n_layers, targets
 
     @torch.no_grad()
-    def add_items(self, vectors: torch.Tensor, bias: float) -> None:
+    def add_items(self, vectors: torch.Tensor, bias: float,
+                  neighbours: Sequence[tuple[Sequence[int], Sequence[float]]] | None = None) -> None:
         """Grow the item vocabulary by len(vectors) items (both views start at `vectors`, bias `bias`):
-        the tied head scores them from the next forward pass on, without retraining."""
+        the tied head scores them from the next forward pass on, without retraining. A head with its own
+        rows (offsets) gives each new item the weighted mean of the head rows of its neighbours, (indices,
+        weights) of catalogue items (model/placement.py), or where it has none the rows that the map from
+        tokens predicts."""
         vectors = vectors.to(self.collab_items.weight)
         if self.has_head_offsets:
             offsets, readout = self.predicted_head_rows(vectors)
+            for row, (index, weights) in enumerate(neighbours or ()):
+                if len(index):
+                    index, weights = torch.as_tensor(index, dtype=torch.long), torch.as_tensor(weights).double()
+                    outputs = (self.collab_items.weight[index] + self.head_offsets[index]).double()
+                    offsets[row] = weights @ outputs - vectors[row].double()
+                    readout[row] = weights @ self.head_readout[index].double()
             self.head_offsets = nn.Parameter(torch.cat([self.head_offsets, offsets.to(self.head_offsets)]))
             self.head_readout = nn.Parameter(torch.cat([self.head_readout, readout.to(self.head_readout)]),
                                              requires_grad=False)

@@ -225,7 +225,8 @@ class Trainer:
 
     def time_is_up(self) -> bool:
         """Past the budget once the time for one more validation (and the head's refit) is set aside."""
-        if time.monotonic() + self.validation_seconds + self.refit_seconds() >= self.deadline:
+        if math.isfinite(self.deadline) and \
+                time.monotonic() + self.validation_seconds + self.refit_seconds() >= self.deadline:
             self.out_of_time = True
         return self.out_of_time
 

@@ -1,8 +1,9 @@
 """The live catalogue: items added from their text while serving, and items retired.
 
 An item added (POST /items) gets a token placed by its text with the function training uses to
-start items from their titles (model.initialise.text_vector), so the tied head scores it from the
-next request on, without retraining. An item retired (DELETE /items/{item_id}, or PATCH with
+start items from their titles (model.initialise.text_vector) and, in a head with rows of its own, the
+head rows of the catalogue items with the nearest titles (model/placement.py), so the head scores it
+from the next request on, without retraining. An item retired (DELETE /items/{item_id}, or PATCH with
 "available": false) is left out of every recommendation from the next request on. Both hold on every
 replica: the live items and the retired ids live in the history store's Redis (or in the process,
 without Redis), with a version number that each change increments. A replica reads the version

@@ -41,6 +41,7 @@ from model.cllm4rec import score_prompts
 from model.prompts import build_recommend_prompt
 from model.config import ConfigError
 from model.initialise import text_vector
+from model.placement import text_neighbours
 from service import metrics
 from service.batcher import Batcher
 from service.catalogue import Catalogue, CatalogueState, LiveItem
@@ -161,15 +162,18 @@ class ServedModel:
         return self.job(0 if self.recommender.space.n_users else None, [0], [0], 1)
 
     def add_live_items(self, items: Sequence[LiveItem]) -> None:
-        """Grow the catalogue by items placed by their text (model.initialise.text_vector, as training
-        places items by their titles), each with the median item bias: a typical item until it has a
-        history. Runs in a thread; waits for the forward pass in progress."""
+        """Grow the catalogue by items placed by their text: the token as training places items by their
+        titles (model.initialise.text_vector), the head's rows among the items with the nearest titles
+        (model/placement.py), each with the median item bias: a typical item until it has a history.
+        Runs in a thread; waits for the forward pass in progress."""
         recommender = self.recommender
         words = recommender.model.backbone.get_input_embeddings().weight.detach().float()
         vectors = [text_vector(words, recommender.space.tokenizer, item.text) for item in items]
         vectors = torch.stack([words.mean(0) if vector is None else vector for vector in vectors])
+        neighbours = text_neighbours(self.titles, [item.text for item in items])
         with self.lock:
-            recommender.model.add_items(vectors, float(recommender.model.item_bias.detach().float().median()))
+            recommender.model.add_items(vectors, float(recommender.model.item_bias.detach().float().median()),
+                                        neighbours)
             recommender.space.n_items += len(items)
             for item in items:
                 index = len(recommender.checkpoint.item_ids)

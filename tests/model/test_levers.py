@@ -380,6 +380,37 @@ def test_an_item_added_to_a_head_with_offsets_gets_the_catalogues_output_scale(t
     assert float((readout - new @ map_to_readout).norm() / (new @ map_to_readout).norm()) < 0.05
 
 
+def test_an_added_item_takes_the_head_rows_of_its_nearest_titles(tiny_llama):
+    """A live item whose title shares words with catalogue items gets the similarity-weighted mean of their
+    output vectors and readout rows (its token stays its own); one sharing no word falls back to the map."""
+    from model.placement import text_neighbours
+
+    # Words in more than a tenth of the titles carry no similarity (model.teachers.text_matrix): 40 fillers.
+    titles = ["espresso beans dark roast", "espresso machine steel", "garden hose reel", "garden trowel steel",
+              *(f"filler{n} widget{n}" for n in range(40))]
+    neighbours = text_neighbours(titles, ["barista espresso grinder", "violin bow rosin"], k=3)
+    (index, weights), (no_index, _) = neighbours
+    assert sorted(index.tolist()) == [0, 1] and weights.sum() == pytest.approx(1.0)  # the two espresso titles
+    assert len(no_index) == 0
+    backbone, _ = load_backbone(str(tiny_llama))
+    torch.manual_seed(0)
+    model = CLLM4Rec(backbone, 2, len(titles), head_offsets=True, head_readout=True)
+    with torch.no_grad():
+        model.head_offsets.normal_()
+        model.head_readout.normal_()
+    outputs = (model.collab_items.weight + model.head_offsets).detach().clone()
+    readout = model.head_readout.detach().clone()
+    new = torch.randn(2, model.hidden_size)
+    mapped_offsets, _ = model.predicted_head_rows(new[1:])  # the map of the catalogue before it grew
+    model.add_items(new, bias=0.0, neighbours=neighbours)
+    w = torch.as_tensor(weights, dtype=torch.float32)
+    n = len(titles)
+    assert torch.equal(model.collab_items.weight[n], new[0])  # the token is its text's
+    assert torch.allclose(model.collab_items.weight[n] + model.head_offsets[n], w @ outputs[index], atol=1e-5)
+    assert torch.allclose(model.head_readout[n], w @ readout[index], atol=1e-5)
+    assert torch.allclose(model.head_offsets[n + 1].double(), mapped_offsets[0], atol=1e-4)
+
+
 # --- low-rank adapters on the backbone --------------------------------------------------------------
 
 def test_adapters_start_as_the_frozen_backbone_and_train_only_their_low_rank_part(tiny_llama):
