@@ -402,7 +402,8 @@ class Trainer:
                 self.end_epoch(stage, passes, metrics, schedule, seconds)
             if self.out_of_time:
                 print(f"time budget of {self.config.time_budget:g} min reached after epoch {self.epoch}")
-            if self.config.head_refit and self.teacher is not None and "finetune" in schedule[: self.epoch]:
+            # Also when the budget left no finetuning epoch: the refit of the starting model reads out well.
+            if self.config.head_refit and self.teacher is not None and "finetune" in schedule:
                 self.refit()
             if self.best_metrics:
                 print(f"the best checkpoint ({self.best_metrics['stage']}, epoch {self.best_metrics['epoch']}) "

@@ -171,6 +171,19 @@ def test_time_budget_stops_training_and_keeps_a_loadable_best_checkpoint(data, t
     assert recommender.checkpoint.meta["metrics"]["epoch"] == best["epoch"]
 
 
+def test_a_budget_too_short_for_an_epoch_still_ends_with_the_refitted_starting_model(data, tiny_llama, tmp_path,
+                                                                                     capsys):
+    # A budget that is over before the first epoch (data loading and the teacher take longer than 60 ms):
+    # the refit of the model as initialised is validated and kept, rather than no checkpoint at all.
+    out = tmp_path / "short"
+    best = train(quick_config(data, out, tiny_llama, time_budget=0.001, head_offsets=True, head_refit=True,
+                              head_readout=True, distill_weight=1.0))
+    assert "reached after epoch 0" in capsys.readouterr().out
+    records = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()]
+    assert {r["stage"] for r in records} == {"refit"} and best["stage"] == "refit" and best["epoch"] == 0
+    assert load_recommender(out, "cpu").model.has_head_readout
+
+
 def test_curves_are_written_for_tensorboard(data, tiny_llama, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
