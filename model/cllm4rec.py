@@ -248,10 +248,14 @@ class CLLM4Rec(nn.Module):
         embeds[is_item] = soft_items
         return embeds
 
+    def backbone_output(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, view: str,
+                        every_layer: bool = False):
+        """The backbone's output on the view's embeddings (with every layer's states when every_layer)."""
+        return self.backbone.base_model(inputs_embeds=self.embed(input_ids, view), attention_mask=attention_mask,
+                                        use_cache=False, output_hidden_states=every_layer)
+
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, view: str) -> torch.Tensor:
-        out = self.backbone.base_model(inputs_embeds=self.embed(input_ids, view), attention_mask=attention_mask,
-                                       use_cache=False)
-        return out.last_hidden_state
+        return self.backbone_output(input_ids, attention_mask, view).last_hidden_state
 
     def prompt_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -259,14 +263,13 @@ class CLLM4Rec(nn.Module):
         each prompt's end [B, hidden] and, with a readout, the readout states [B, readout width]: the state at
         the prompt's end after each inner block (the embeddings' there is a fixed word's), then the mean over
         the prompt's item positions of the embeddings and of each block's output (zeros without items)."""
-        out = self.backbone.base_model(inputs_embeds=self.embed(input_ids, COLLAB), attention_mask=attention_mask,
-                                       use_cache=False, output_hidden_states=self.has_head_readout)
-        ends = attention_mask.sum(1) - 1
-        last = out.last_hidden_state[torch.arange(len(input_ids), device=input_ids.device), ends]
+        out = self.backbone_output(input_ids, attention_mask, COLLAB, every_layer=self.has_head_readout)
+        rows, ends = torch.arange(len(input_ids), device=input_ids.device), attention_mask.sum(1) - 1
+        last = out.last_hidden_state[rows, ends]
         if not self.has_head_readout:
             return last, None
         layers = (*out.hidden_states[:-1], out.last_hidden_state)  # the embeddings, then every block's output
-        at_end = [states[torch.arange(len(input_ids), device=input_ids.device), ends] for states in layers[1:-1]]
+        at_end = [states[rows, ends] for states in layers[1:-1]]
         is_item = (input_ids >= self.n_words + self.n_users) & attention_mask.bool()
         weights = is_item.to(last.dtype) / is_item.sum(1, keepdim=True).clamp(min=1).to(last.dtype)
         item_means = [torch.einsum("bt,bth->bh", weights, states) for states in layers]

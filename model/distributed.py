@@ -60,10 +60,14 @@ class Ranks:
         return device
 
 
+def launched_world() -> int:
+    """How many ranks torchrun started (1: not under torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def start(device_type: str) -> Ranks:
     """Join torchrun's process group (NCCL on GPUs, gloo on CPUs); one rank when not under torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if launched_world() <= 1:
         return Ranks()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device_type == "cuda":
@@ -86,7 +90,7 @@ def leave(code: int) -> None:
     own teardown then destroys gloo's objects while its threads may still run, which aborted a finished
     rank with "terminate called without an active exception" about once in twenty test runs (and
     torchrun then reports the whole job failed). A single process returns and exits normally."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if launched_world() > 1:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

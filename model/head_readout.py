@@ -23,8 +23,10 @@ or test item reaches it. Measured in docs/training.md ("The head refitted in clo
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -108,6 +110,17 @@ class NormalEquations:
         self.moments += features.T @ target_logits(teacher, histories, temperature, distill_weight).to(device)
 
 
+@contextlib.contextmanager
+def evaluating(model: CLLM4Rec) -> Iterator[None]:
+    """The model in eval mode meanwhile, as it was afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 def refit_users(split: Split) -> list[int]:
     """The users the refit reads: every training user with a history."""
     return [u for u, items in enumerate(split.train) if len(items)]
@@ -121,20 +134,17 @@ def refit_head(model: CLLM4Rec, space: TokenSpace, split: Split, teacher: Teache
         raise ValueError("refitting the head needs a head with offsets (--head-offsets)")
     users = refit_users(split)
     system = NormalEquations.empty(model)
-    was_training = model.training
-    model.eval()
-    for start in range(0, len(users), batch_size):
-        system.add(model, space, split, users[start : start + batch_size], teacher, temperature, distill_weight,
-                   max_history)
-    model.train(was_training)
+    with evaluating(model):
+        for start in range(0, len(users), batch_size):
+            system.add(model, space, split, users[start : start + batch_size], teacher, temperature, distill_weight,
+                       max_history)
     gram = system.gram
     block_scale = gram.diagonal()[:-1].reshape(-1, model.hidden_size).mean(1)
     gram[:-1, :-1].diagonal().add_(RELATIVE_RIDGE * block_scale.repeat_interleave(model.hidden_size))
     readout = torch.linalg.solve(gram, system.moments)  # [features + 1, items]
     items = model.collab_items.weight
     model.head_offsets.copy_(readout[: model.hidden_size].T.to(items.dtype) - items)
-    if model.has_head_readout:
-        model.head_readout.copy_(readout[model.hidden_size : -1].T.to(items.dtype))
+    model.head_readout.copy_(readout[model.hidden_size : -1].T.to(items.dtype))  # 0 wide without a readout
     model.item_bias.copy_(readout[-1].to(items.dtype))
 
 
@@ -148,13 +158,11 @@ def estimate_refit_seconds(model: CLLM4Rec, space: TokenSpace, split: Split, tea
     overstated amazon-beauty's refit by at least 1.6x."""
     users = refit_users(split)
     system = NormalEquations.empty(model)
-    was_training = model.training
-    model.eval()
     seconds = 0.0
-    for start in (0, batch_size) if len(users) > batch_size else (0,):
-        started = time.perf_counter()
-        system.add(model, space, split, users[start : start + batch_size], teacher, temperature, distill_weight,
-                   max_history)
-        seconds = time.perf_counter() - started
-    model.train(was_training)
+    with evaluating(model):
+        for start in (0, batch_size) if len(users) > batch_size else (0,):
+            started = time.perf_counter()
+            system.add(model, space, split, users[start : start + batch_size], teacher, temperature,
+                       distill_weight, max_history)
+            seconds = time.perf_counter() - started
     return seconds * math.ceil(len(users) / batch_size)
