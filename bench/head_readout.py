@@ -23,7 +23,7 @@ from model.cllm4rec import CLLM4Rec
 from model.data import load_dataset, split_dataset
 from model.evaluate import evaluate_cllm4rec, evaluation_users, sample_users
 from model.head_readout import refit_head
-from model.initialise import initialise
+from model.initialise import INITIALISERS, initialise
 from model.prompts import PromptTemplates, TokenSpace
 from model.teachers import fit_teacher
 
@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.125)
     parser.add_argument("--distill-weight", type=float, default=1.0)
     parser.add_argument("--readout", action="store_true", help="the head also reads the readout states (--head-readout)")
+    parser.add_argument("--init", default="text", choices=INITIALISERS, help="where the soft tokens start (--init)")
     args = parser.parse_args()
     dataset = load_dataset(args.data)
     split = split_dataset(dataset, 0)
@@ -48,12 +49,12 @@ def main() -> None:
         torch.manual_seed(0)
         model = CLLM4Rec(backbone, dataset.n_users, dataset.n_items, head_offsets=True, head_readout=args.readout)
         space = TokenSpace(tokenizer, model.n_words, dataset.n_users, dataset.n_items, PromptTemplates())
-        initialise(model, "text", tokenizer, dataset, split, model.hidden_size)
+        initialise(model, args.init, tokenizer, dataset, split, model.hidden_size)
         started = time.monotonic()
         refit_head(model, space, split, teacher, args.temperature, args.distill_weight, 50, 64)
         seconds = time.monotonic() - started
         metrics = evaluate_cllm4rec(model, space, split, "val", val, 50, 64)
-        print(json.dumps({"layers": layers, "readout": args.readout, "refit_seconds": round(seconds, 1), "threads": torch.get_num_threads(),
+        print(json.dumps({"layers": layers, "init": args.init, "readout": args.readout, "refit_seconds": round(seconds, 1), "threads": torch.get_num_threads(),
                           **{k: round(v, 4) for k, v in metrics.items()}}), flush=True)
 
 

@@ -42,7 +42,7 @@ RECIPES: dict[str, dict[str, object]] = {
         "lr_schedule": "cosine",
         "warmup_steps": 100,
         "batch_size": 32,
-        "init": "text",
+        "init": "text+collaborative",
         "head_bias": True,
         "head_adapter": True,
         "head_offsets": True,
@@ -57,9 +57,10 @@ RECIPES: dict[str, dict[str, object]] = {
 # A GPU: the cpu recipe's levers at full depth, batch 512 (a step of the backbone on a GPU is bound
 # by kernel launches, so a larger batch is nearly free), half an hour.
 # The readout stays off there: at 30 layers it would be 60 blocks of states (1.7 GB of float32 per 12k items,
-# a 35k-wide float64 solve), not measured on a GPU.
+# a 35k-wide float64 solve), not measured on a GPU. Without it the gradient-trained head matters more,
+# and it trained worse from the collaborative start (docs/training.md): the tokens start from their text.
 RECIPES["gpu"] = {**RECIPES["cpu"], "backbone_layers": None, "batch_size": 512, "time_budget": 30.0,
-                  "head_readout": False}
+                  "head_readout": False, "init": "text"}
 
 
 def recipe_options(name: str) -> dict[str, object]:

@@ -321,6 +321,9 @@ def test_head_refit_is_the_least_squares_fit_of_the_targets_logits(data, tiny_ll
     histories = [split.train[u].tolist() for u in users]
     ids, mask = pad([build_recommend_prompt(space, u, h, 50) for u, h in zip(users, histories)])
     target = target_logits(teacher, histories, 0.25, 1.0)
+    # every user's row weighs alike in the fit: centred, at unit spread, whatever the history's length
+    assert torch.allclose(target.mean(1), torch.zeros(len(users), dtype=torch.float64), atol=1e-9)
+    assert torch.allclose(target.std(1), torch.ones(len(users), dtype=torch.float64))
 
     def head_error() -> float:
         with torch.no_grad():
