@@ -377,6 +377,38 @@ def test_refitted_head_is_validated_saved_and_served_with_the_same_scores(data, 
                              64) == pytest.approx(best["val"], abs=1e-6)
 
 
+def test_scores_follow_every_change_of_the_head_tables_while_their_sum_is_kept(tiny_llama):
+    """Scoring keeps the items' output vectors between passes; whatever changes the tables (an in-place write
+    as the refit's mix does, an optimizer step, a conversion, items added live), the next scores are those
+    of the tables as they are then."""
+    backbone, _ = load_backbone(str(tiny_llama))
+    torch.manual_seed(0)
+    model = CLLM4Rec(backbone, 4, 50, head_offsets=True)
+    hidden = torch.randn(3, model.hidden_size)
+
+    def scores() -> torch.Tensor:
+        with torch.no_grad():
+            return model.item_logits(hidden)
+
+    def expected() -> torch.Tensor:
+        items = model.collab_items.weight.detach().float() + model.head_offsets.detach().float()
+        return model.logit_scale.detach() * (hidden @ model.head_projection.detach().T) @ items.T \
+            + model.item_bias.detach().float()
+
+    assert torch.allclose(scores(), expected())
+    with torch.no_grad():
+        model.head_offsets.add_(1.0)  # in place
+    assert torch.allclose(scores(), expected())
+    optimizer = torch.optim.SGD([model.collab_items.weight], lr=0.5)
+    model.item_logits(hidden).sum().backward()  # with gradients: computed afresh, never the kept sum
+    optimizer.step()
+    assert torch.allclose(scores(), expected())
+    model.collab_items.weight.data = model.collab_items.weight.data.to(torch.bfloat16)  # converted
+    assert torch.allclose(scores(), expected())
+    model.add_items(torch.randn(2, model.hidden_size), bias=0.0)  # replaced by larger tables
+    assert scores().shape == (3, 52) and torch.allclose(scores(), expected())
+
+
 def test_an_item_added_to_a_head_with_offsets_gets_the_catalogues_output_scale(tiny_llama):
     """A live item's output vector follows the map from the catalogue's tokens to their output vectors, so
     it is scored on the same scale as the trained items (here: outputs are twice the tokens)."""
