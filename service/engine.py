@@ -347,10 +347,13 @@ class Engine:
         model = self.model  # the whole request is answered by one model, even if a reload swaps it meanwhile
         histories: list[Sequence[str] | None] = [r.history for r in requests]
         stored = [i for i, r in enumerate(requests) if r.history is None]
-        if stored:  # one store round trip for every user whose history is needed
-            for i, history in zip(stored, await self.store.get([requests[i].user_id for i in stored])):
-                histories[i] = history
-        retired = model.indices((await self.sync_catalogue(model)).retired)
+        # One store round trip for every user whose history is needed, side by side with the catalogue's.
+        fetched, catalogue = await asyncio.gather(
+            self.store.get([requests[i].user_id for i in stored]) if stored else asyncio.sleep(0, []),
+            self.sync_catalogue(model))
+        for i, history in zip(stored, fetched):
+            histories[i] = history
+        retired = model.indices(catalogue.retired)
         answers: list[Answer | None] = [None] * len(requests)
         # At most one batch's worth of jobs in the queue per call: a large /recommend/batch fills
         # full forward passes one after another instead of taking the whole queue.
