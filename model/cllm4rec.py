@@ -285,8 +285,8 @@ class CLLM4Rec(nn.Module):
     def output_vectors(self) -> torch.Tensor:
         """[J, H] float32: what the head dots with, the item embeddings plus their offsets. Outside autograd
         (scoring, validation) the sum is kept until either table changes (in place, replaced, moved or
-        converted): a request would otherwise redo a catalogue-sized sum, 9 ms for amazon-beauty's 12,101
-        items on one core against 3.6 ms for the product itself (docs/benchmarks.md)."""
+        converted): a request would otherwise redo a catalogue-sized sum, 3-4 ms of a 30-40 ms batch-1 pass
+        at amazon-beauty's 12,101 items (docs/benchmarks.md, "The head's output vectors kept")."""
         items, offsets = self.collab_items.weight, self.head_offsets
         if torch.is_grad_enabled() and (items.requires_grad or offsets.requires_grad):
             return items.float() + offsets.float() if self.has_head_offsets else items.float()
