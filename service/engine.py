@@ -170,7 +170,9 @@ class ServedModel:
         words = recommender.model.backbone.get_input_embeddings().weight.detach().float()
         vectors = [text_vector(words, recommender.space.tokenizer, item.text) for item in items]
         vectors = torch.stack([words.mean(0) if vector is None else vector for vector in vectors])
-        neighbours = text_neighbours(self.titles, [item.text for item in items])
+        # Only a head with rows of its own places items by their neighbours; a tied head reads the token alone.
+        neighbours = text_neighbours(self.titles, [item.text for item in items]) \
+            if recommender.model.has_head_offsets else None
         with self.lock:
             recommender.model.add_items(vectors, float(recommender.model.item_bias.detach().float().median()),
                                         neighbours)
