@@ -288,16 +288,17 @@ class CLLM4Rec(nn.Module):
         converted): a request would otherwise redo a catalogue-sized sum, 3-4 ms of a 30-40 ms batch-1 pass
         at amazon-beauty's 12,101 items (docs/benchmarks.md, "The head's output vectors kept")."""
         items, offsets = self.collab_items.weight, self.head_offsets
-        if torch.is_grad_enabled() and (items.requires_grad or offsets.requires_grad):
+
+        def summed() -> torch.Tensor:
             return items.float() + offsets.float() if self.has_head_offsets else items.float()
+
+        if torch.is_grad_enabled() and (items.requires_grad or offsets.requires_grad):
+            return summed()
         tables = (items, offsets)  # held by the cache, so their storage is not reused while it lives
         state = tuple((table.data_ptr(), table._version, table.dtype, table.device) for table in tables)
         cache = self.__dict__.get("_output_vectors")
         if cache is None or any(a is not b for a, b in zip(cache[0], tables)) or cache[1] != state:
-            vectors = items.detach().float()
-            if self.has_head_offsets:
-                vectors = vectors + offsets.detach().float()
-            self.__dict__["_output_vectors"] = cache = (tables, state, vectors)
+            self.__dict__["_output_vectors"] = cache = (tables, state, summed())  # no graph: nothing needs one
         return cache[2]
 
     def item_logits(self, hidden: torch.Tensor, readout_states: torch.Tensor | None = None) -> torch.Tensor:
