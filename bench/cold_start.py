@@ -9,10 +9,13 @@
 3. The checkpoint is loaded as the server loads it and the held-out items are added by their text
    with ServedModel.add_live_items, the code behind POST /items.
 4. For every user the checkpoint knows who interacted with a cold item: the prompt is the user's
-   token and warm items (all of them, in order); the targets are the user's cold items; the ranking
-   is over the cold items only (which new item fits this user), Recall@20 / Recall@40 / NDCG@100.
-   Beside CLLM4Rec: a text-only baseline (each cold item scored by the summed tf-idf cosine of its
-   text with the texts of the user's warm items, model/teachers.text_matrix) and random scores.
+   token and warm items (all of them, in order); the targets are the user's cold items.
+   Recall@20 / Recall@40 / NDCG@100 of two rankings: among the cold items only (which new item fits
+   this user: how well the text places them against each other), and among all items but the prompt's
+   (how new items fare against the catalogue; cold_share@20: the share of cold items in the top 20).
+   Beside CLLM4Rec: a text-only baseline (each item scored by the summed tf-idf cosine of its text,
+   title and description, with the texts of the user's warm items, model/teachers.text_matrix) and
+   random scores.
 Prints one JSON object.
 """
 
@@ -24,6 +27,7 @@ import json
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +42,7 @@ from service.engine import ServedModel
 from service.settings import Settings
 
 TOP = 100  # the longest cut-off of the metrics (NDCG@100)
+BATCH = 64  # prompts per forward pass
 
 
 def write_warm_copy(data: Path, target: Path, cold: set[str]) -> None:
@@ -55,10 +60,16 @@ def write_warm_copy(data: Path, target: Path, cold: set[str]) -> None:
             writer.writerows(row for row in rows if row[column] not in cold)
 
 
-def top_cold(scores: np.ndarray, cold_columns: np.ndarray) -> np.ndarray:
-    """[U, min(TOP, cold)] cold item indices (columns of `scores`), best first."""
+def item_descriptions(data: Path) -> dict[str, tuple[str, str | None]]:
+    """item id -> (title, description or None) as items.csv has them."""
+    with open(data / "items.csv", newline="") as source:
+        return {row["item_id"]: (row["title"], row.get("description") or None) for row in csv.DictReader(source)}
+
+
+def top_items(scores: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """[U, min(TOP, columns)] the item indices of `scores`' columns, best first."""
     order = np.argsort(-scores, axis=1, kind="stable")[:, :TOP]
-    return cold_columns[order]
+    return columns[order]
 
 
 def main() -> None:
@@ -80,9 +91,12 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "service.cli", "train", "--data", str(args.out / "warm"),
                         "--out", str(checkpoint), *shlex.split(args.train)], check=True)
 
+    described = item_descriptions(args.data)  # what a shop would POST: title and description
     served = ServedModel.load(checkpoint, Settings(checkpoint=checkpoint, device="cpu"))
     texts = dict(zip(dataset.item_ids, zip(dataset.item_titles, dataset.item_texts)))
-    served.add_live_items([LiveItem(item_id, texts[item_id][0], texts[item_id][1]) for item_id in sorted(cold)])
+    started = time.perf_counter()
+    served.add_live_items([LiveItem(item_id, *described.get(item_id, ("", None))) for item_id in sorted(cold)])
+    placement_seconds = time.perf_counter() - started
     recommender = served.recommender
     item_index = recommender.item_index
     cold_columns = np.array(sorted(item_index[i] for i in cold))
@@ -99,26 +113,38 @@ def main() -> None:
         if targets and warm and user_id in recommender.user_index:
             cases.append((recommender.user_index[user_id], warm, np.array(targets)))
 
-    model_scores = []
-    for start in range(0, len(cases), 64):
-        prompts = [build_recommend_prompt(recommender.space, user, warm, recommender.max_history)
-                   for user, warm, _ in cases[start:start + 64]]
-        model_scores.append(score_prompts(recommender.model, prompts)[:, cold_columns].numpy())
-    model_scores = np.concatenate(model_scores)
-
     # Text only: tf-idf rows of every item's text (warm and cold), in the served model's item order.
-    all_texts = [texts[item_id][1] or texts[item_id][0] for item_id in recommender.checkpoint.item_ids]
+    all_texts = [texts[item_id][1] for item_id in recommender.checkpoint.item_ids]
     tfidf = text_matrix(all_texts)
-    cold_text = tfidf[cold_columns]
-    text_scores = np.stack([np.asarray((tfidf[warm] @ cold_text.T).sum(axis=0)).ravel() for _, warm, _ in cases])
-    random_scores = np.random.default_rng([args.seed, 1]).random(model_scores.shape)
+    noise = np.random.default_rng([args.seed, 1])
+    tops: dict[tuple[str, str], list[np.ndarray]] = {}
+    for start in range(0, len(cases), BATCH):
+        batch = cases[start:start + BATCH]
+        prompts = [build_recommend_prompt(recommender.space, user, warm, recommender.max_history)
+                   for user, warm, _ in batch]
+        scores = {"cllm4rec": score_prompts(recommender.model, prompts).numpy(),
+                  "text_nearest_neighbours": np.stack([np.asarray((tfidf[warm] @ tfidf.T).sum(axis=0)).ravel()
+                                                       for _, warm, _ in batch]),
+                  "random": noise.random((len(batch), len(all_texts)))}
+        for name, batch_scores in scores.items():
+            tops.setdefault((name, "cold"), []).append(top_items(batch_scores[:, cold_columns], cold_columns))
+            for row, (_, warm, _) in enumerate(batch):
+                batch_scores[row, warm] = -np.inf  # ranked among all items: the prompt's own left out
+            tops.setdefault((name, "all"), []).append(top_items(batch_scores, np.arange(len(all_texts))))
 
     heldout = [targets for _, _, targets in cases]
-    result = {"dataset": str(args.data), "cold_items": len(cold), "users": len(cases),
-              "train": args.train, "ranked_among": "cold items"}
-    for name, scores in (("cllm4rec", model_scores), ("text_nearest_neighbours", text_scores),
-                         ("random", random_scores)):
-        result[name] = {k: round(v, 4) for k, v in ranking_metrics(top_cold(scores, cold_columns), heldout).items()}
+    result = {"dataset": str(args.data), "cold_items": len(cold), "users": len(cases), "train": args.train,
+              "placement_seconds": round(placement_seconds, 1),
+              "text_term": {"scale": served.text_readout.scale, "shift": served.text_readout.shift}
+              if served.text_readout else None}
+    is_cold = np.zeros(len(all_texts), dtype=bool)
+    is_cold[cold_columns] = True
+    for (name, among), top in tops.items():
+        top = np.concatenate(top)
+        metrics = {k: round(v, 4) for k, v in ranking_metrics(top, heldout).items()}
+        if among == "all":
+            metrics["cold_share@20"] = round(float(is_cold[top[:, :20]].mean()), 4)
+        result.setdefault(f"among_{among}_items", {})[name] = metrics
     print(json.dumps(result))
 
 

@@ -42,7 +42,7 @@ def main() -> None:
     dataset = load_dataset(args.data)
     split = split_dataset(dataset, 0)
     val = sample_users(evaluation_users(split, "val"), args.val_users, 0)
-    texts = [text or title for title, text in zip(dataset.item_titles, dataset.item_texts)]
+    texts = dataset.item_texts
     teacher = fit_teacher(split, dataset.n_items, 500.0, 20000, 512, val, texts, args.text_weight, 0)
     for layers in args.layers:
         backbone, tokenizer = load_backbone(DEFAULT_BACKBONE, layers)

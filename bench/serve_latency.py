@@ -15,9 +15,10 @@
    (greedy, KV cache, the item head at every step, seen and generated items masked), the way an LLM
    recommender that decodes item tokens would; its latency as a ratio to the one-pass forward.
 5. The floor: the prompts' FLOPs (2 x the backbone layers' weights per prompt token, plus the item
-   head's 2 x width x items once) divided by the matrix-multiply FLOP/s this run measures on this
-   machine (a float32 matmul, best of several), plus reading the item table once at the copy
-   bandwidth it measures: what one request cannot go below.
+   head's 2 x (width + readout width) x items once) divided by the matrix-multiply FLOP/s this run
+   measures on this machine (best of several, in the backbone's number format for the backbone and
+   float32 for the head), plus reading the head's tables once at the copy bandwidth it measures:
+   what one request cannot go below.
 
 --json prints one JSON object instead of the tables (floor_ms, forward_p50_ms, http by concurrency,
 overhead_ratio, floor_ratio, autoregressive_ratio, device, precision, ...).
@@ -88,14 +89,19 @@ def copy_bandwidth(device: torch.device, megabytes: int = 256, repeats: int = 3)
     return 2 * source.numel() * 4 / best
 
 
-def floor_ms(recommender: Recommender, prompt_tokens: float, flops_per_s: float, bytes_per_s: float) -> tuple:
-    """(floor in ms, FLOPs of one prompt): the backbone layers' matrix work per token and the item head once."""
+def floor_ms(recommender: Recommender, prompt_tokens: float, backbone_flops_per_s: float, head_flops_per_s: float,
+             bytes_per_s: float) -> tuple:
+    """(floor in ms, FLOPs of one prompt): the backbone layers' matrix work per token at the backbone's
+    measured peak, and the head once (the item vectors and, with a readout, its table) at float32's, plus
+    reading the head's tables once."""
     model = recommender.model
     layer_weights = sum(p.numel() for layer in model.backbone.base_model.layers for p in layer.parameters())
-    table = model.collab_items.weight
-    flops = 2 * layer_weights * prompt_tokens + 2 * table.numel()
-    seconds = flops / flops_per_s + table.numel() * table.element_size() / bytes_per_s
-    return seconds * MS, flops
+    head = [model.output_vectors(), model.head_readout]
+    head_numel = sum(table.numel() for table in head)
+    backbone_flops, head_flops = 2 * layer_weights * prompt_tokens, 2 * head_numel
+    seconds = backbone_flops / backbone_flops_per_s + head_flops / head_flops_per_s \
+        + sum(table.numel() * table.element_size() for table in head) / bytes_per_s
+    return seconds * MS, backbone_flops + head_flops
 
 
 # --- the server ------------------------------------------------------------------------------------
@@ -277,11 +283,11 @@ def main() -> None:
     out(f"load average at the end: {os.getloadavg()[0]:.2f}")
 
     device = recommender.model.collab_items.weight.device
-    compute_dtype = torch.bfloat16 if device.type == "cuda" and recommender.model.collab_items.weight.dtype == \
-        torch.float32 else recommender.model.collab_items.weight.dtype
+    backbone_dtype = next(recommender.model.backbone.parameters()).dtype
+    compute_dtype = torch.bfloat16 if device.type == "cuda" and backbone_dtype == torch.float32 else backbone_dtype
     mean_tokens = float(np.mean([len(p) for p in prompts]))
     floor, prompt_flops = floor_ms(recommender, mean_tokens, peak_matmul_flops(device, compute_dtype),
-                                   copy_bandwidth(device))
+                                   peak_matmul_flops(device, torch.float32), copy_bandwidth(device))
     result = {
         "device": str(device), "precision": str(compute_dtype).removeprefix("torch."), "threads": args.threads,
         "backbone_layers": meta["backbone"]["layers"], "n_items": meta["n_items"], "k": args.k,

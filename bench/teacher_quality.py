@@ -31,7 +31,7 @@ def main() -> None:
     dataset = load_dataset(args.data)
     split = split_dataset(dataset, seed=0)
     users = sample_users(evaluation_users(split, "val"), args.users, seed=0)
-    texts = [text or title for title, text in zip(dataset.item_titles, dataset.item_texts)]
+    texts = dataset.item_texts
     known = interaction_matrix(split, "val", dataset.n_items)
     print(f"{dataset.n_users} users, {dataset.n_items} items; validation, {len(users)} users, lambda {args.lam:g}")
     for weight in args.weights:

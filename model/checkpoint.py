@@ -10,7 +10,7 @@
                             low-rank adapters, adapter.<block>.<path>.down/up, when it has them
                             (checkpoint.json's "adapters": rank, blocks and targets)
     split.safetensors       the train/val/test split as (user, item, part) index arrays
-    ids.json                user ids, item ids and item titles (index order)
+    ids.json                user ids, item ids, item titles and texts (title and description; index order)
     metrics.jsonl           one line per training epoch (appended by the trainer; not checksummed)
 
 checkpoint.json is written last, so a directory whose files do not match its checksums was
@@ -67,6 +67,7 @@ class Checkpoint:
     user_ids: list[str]
     item_ids: list[str]
     item_titles: list[str]
+    item_texts: list[str]  # title and description (model.data.item_text); the titles in checkpoints before them
     embeddings: dict[str, torch.Tensor]
     split: Split
 
@@ -156,14 +157,15 @@ def load_model_tensors(model: CLLM4Rec, tensors: dict[str, torch.Tensor]) -> Non
 
 def save_checkpoint(directory: str | Path, model: CLLM4Rec, *, backbone: str, backbone_layers: int,
                     templates: PromptTemplates, max_history: int, user_ids: list[str], item_ids: list[str],
-                    item_titles: list[str], split: Split, data_fingerprint: str, train_config: dict,
+                    item_titles: list[str], item_texts: list[str], split: Split, data_fingerprint: str, train_config: dict,
                     metrics: dict) -> str:
     """Write the checkpoint; returns its model version id (derived from the embeddings' hash)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_tensors(directory / EMBEDDINGS_FILE, model_tensors(model))
     _replace_atomically(directory / SPLIT_FILE, lambda tmp: save_numpy(split.to_arrays(), tmp))
-    write_json(directory / IDS_FILE, {"users": user_ids, "items": item_ids, "titles": item_titles})
+    write_json(directory / IDS_FILE, {"users": user_ids, "items": item_ids, "titles": item_titles,
+                                      "texts": item_texts})
     files = {name: sha256_file(directory / name) for name in (EMBEDDINGS_FILE, SPLIT_FILE, IDS_FILE)}
     model_version = f"{time.strftime('%Y%m%d')}-{files[EMBEDDINGS_FILE][:12]}"
     word_embeddings = model.backbone.get_input_embeddings()
@@ -273,16 +275,17 @@ def read_checkpoint(directory: str | Path, scoring_only: bool = False) -> Checkp
             raise CheckpointError(f"{directory}: {name} has shape {tuple(embeddings[name].shape)}, expected {shape}")
     try:
         ids = json.loads((directory / IDS_FILE).read_text(encoding="utf-8"))
-        sizes = len(ids["users"]), len(ids["items"]), len(ids["titles"])
+        texts = ids.get("texts", ids["titles"])  # checkpoints before the texts were saved: their titles
+        sizes = len(ids["users"]), len(ids["items"]), len(ids["titles"]), len(texts)
     except (ValueError, UnicodeDecodeError, KeyError, TypeError) as e:
         raise CheckpointError(f"{directory}: {IDS_FILE} is not a users/items/titles object ({e})") from e
-    if sizes != (n_users, n_items, n_items):
+    if sizes != (n_users, n_items, n_items, n_items):
         raise CheckpointError(f"{directory}: {IDS_FILE} does not match the sizes in {META_FILE}")
     if set(split_arrays) != {"user", "item", "part"}:
         raise CheckpointError(f"{directory}: {SPLIT_FILE} must hold user, item and part arrays")
     if len(split_arrays["user"]) and (split_arrays["user"].max() >= n_users or split_arrays["item"].max() >= n_items):
         raise CheckpointError(f"{directory}: {SPLIT_FILE} refers to users or items beyond the checkpoint's")
-    return Checkpoint(directory, meta, ids["users"], ids["items"], ids["titles"], embeddings,
+    return Checkpoint(directory, meta, ids["users"], ids["items"], ids["titles"], texts, embeddings,
                       Split.from_arrays(split_arrays, n_users))
 
 

@@ -40,9 +40,6 @@ from model.adapters import LowRankAdapter, attach_adapters
 from model.prompts import Document
 
 COLLAB, CONTENT = "collab", "content"
-# Ridge of the map from item tokens to the head's rows (predicted_head_rows), relative to
-# the mean squared token coordinate summed over the catalogue: it keeps the map smooth where few items lie.
-PLACEMENT_RIDGE = 1e-2
 
 
 @dataclass
@@ -62,6 +59,16 @@ class LMBatch:
     @property
     def n_targets(self) -> int:
         return int((self.labels != -100).sum())
+
+
+@dataclass
+class HeadRows:
+    """The head's own rows for items added after training (CLLM4Rec.add_items): output offsets [N, H] and
+    readout rows [N, readout width], read by a head that has them, and biases [N]."""
+
+    offsets: torch.Tensor
+    readout: torch.Tensor
+    bias: torch.Tensor
 
 
 @dataclass
@@ -176,43 +183,26 @@ class CLLM4Rec(nn.Module):
         self.adapter_rank, self.adapter_layers, self.adapter_targets = rank, n_layers, targets
 
     @torch.no_grad()
-    def add_items(self, vectors: torch.Tensor, bias: float,
-                  neighbours: Sequence[tuple[Sequence[int], Sequence[float]]] | None = None) -> None:
-        """Grow the item vocabulary by len(vectors) items (both views start at `vectors`, bias `bias`):
-        the tied head scores them from the next forward pass on, without retraining. A head with its own
-        rows (offsets) gives each new item the weighted mean of the head rows of its neighbours, (indices,
-        weights) of catalogue items (model/placement.py), or where it has none the rows that the map from
-        tokens predicts."""
+    def add_items(self, vectors: torch.Tensor, rows: HeadRows) -> None:
+        """Grow the item vocabulary by len(vectors) items: both views start at `vectors`, the head takes
+        `rows` (a tied head its biases alone; model/placement.py chooses them). They are scored from the next
+        forward pass on, without retraining."""
         vectors = vectors.to(self.collab_items.weight)
         if self.has_head_offsets:
-            offsets, readout = self.predicted_head_rows(vectors)
-            for row, (index, weights) in enumerate(neighbours or ()):
-                if len(index):
-                    index, weights = torch.as_tensor(index, dtype=torch.long), torch.as_tensor(weights).double()
-                    outputs = (self.collab_items.weight[index] + self.head_offsets[index]).double()
-                    offsets[row] = weights @ outputs - vectors[row].double()
-                    readout[row] = weights @ self.head_readout[index].double()
-            self.head_offsets = nn.Parameter(torch.cat([self.head_offsets, offsets.to(self.head_offsets)]))
-            self.head_readout = nn.Parameter(torch.cat([self.head_readout, readout.to(self.head_readout)]),
+            self.head_offsets = nn.Parameter(torch.cat([self.head_offsets, rows.offsets.to(self.head_offsets)]))
+            self.head_readout = nn.Parameter(torch.cat([self.head_readout, rows.readout.to(self.head_readout)]),
                                              requires_grad=False)
         for table in (self.collab_items, self.content_items) if self.content_view else (self.collab_items,):
             table.weight = nn.Parameter(torch.cat([table.weight, vectors.to(table.weight)]))
             table.num_embeddings = table.weight.shape[0]
-        self.item_bias = nn.Parameter(torch.cat([self.item_bias, self.item_bias.new_full((len(vectors),), bias)]))
+        self.item_bias = nn.Parameter(torch.cat([self.item_bias, rows.bias.to(self.item_bias)]))
         self.n_items += len(vectors)
 
-    @torch.no_grad()
-    def predicted_head_rows(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The head's rows (offsets, readout) for item tokens that have none of their own yet: the
-        ridge-regression map from the catalogue's tokens to its output vectors (token + offset) and readout
-        rows, applied to them. A trained (or refitted) head's output vectors are on another scale than the
-        tokens, so a new item scored through its bare token would be out of place."""
-        tokens_now = self.collab_items.weight.detach().double()
-        rows = torch.cat([tokens_now + self.head_offsets.detach().double(), self.head_readout.double()], 1)
-        gram = tokens_now.T @ tokens_now
-        gram.diagonal().add_(PLACEMENT_RIDGE * float(gram.diagonal().mean()))
-        predicted = tokens.double() @ torch.linalg.solve(gram, tokens_now.T @ rows)
-        return predicted[:, : self.hidden_size] - tokens.double(), predicted[:, self.hidden_size :]
+    def token_mean_columns(self) -> slice:
+        """The readout's columns that read the mean of the prompt's item tokens (layer 0 of the item means;
+        the layout in prompt_states)."""
+        start = (self.backbone.config.num_hidden_layers - 1) * self.hidden_size
+        return slice(start, start + self.hidden_size)
 
     @property
     def has_head_offsets(self) -> bool:

@@ -56,6 +56,11 @@ class DataError(ValueError):
     """The dataset cannot be used; the message says which file and what is wrong."""
 
 
+def item_text(title: str, description: str | None) -> str:
+    """An item's text as the content LM, the teacher and a live item's placement read it: title and description."""
+    return f"{title}. {description}" if title and description else (title or description or "")
+
+
 @dataclass
 class Dataset:
     user_ids: list[str]  # user index -> external id
@@ -245,7 +250,7 @@ def load_dataset(directory: str | Path) -> Dataset:
             title = " ".join(row[1].split())
             description = " ".join(row[2].split()) if len(row) > 2 else ""
             titles[i] = title
-            texts[i] = f"{title}. {description}" if title and description else (title or description)
+            texts[i] = item_text(title, description)
         if unknown:
             report.append(f"{items_path.name}: ignored {unknown} rows of items without interactions")
         if duplicates:

@@ -335,7 +335,8 @@ class Trainer:
         ckpt.save_checkpoint(
             self.out, self.model, backbone=c.backbone, backbone_layers=self.model.backbone.config.num_hidden_layers,
             templates=self.space.templates, max_history=c.max_history, user_ids=self.dataset.user_ids,
-            item_ids=self.dataset.item_ids, item_titles=self.dataset.item_titles, split=self.split,
+            item_ids=self.dataset.item_ids, item_titles=self.dataset.item_titles,
+            item_texts=self.dataset.item_texts, split=self.split,
             data_fingerprint=self.dataset.fingerprint(), train_config=dataclasses.asdict(c), metrics=metrics)
 
     def save_state(self) -> None:
@@ -574,7 +575,7 @@ def _train(config: TrainConfig, device: torch.device, ranks: Ranks) -> dict:
     teacher = None
     if config.distill_weight and config.finetune_epochs:
         teacher_started = time.monotonic()
-        texts = [text or title for title, text in zip(dataset.item_titles, dataset.item_texts)]
+        texts = dataset.item_texts
         teacher = fit_teacher(split, dataset.n_items, config.distill_lambda, config.teacher_max_items,
                               config.teacher_rank, sample_users(evaluation_users(split, "val"), 1000, config.seed),
                               texts if config.teacher_text else (), config.teacher_text_weight or None, config.seed)

@@ -25,6 +25,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 
+from model.data import item_text
 from service import metrics
 from service.histories import HistoryStore, HistoryStoreUnavailable, RedisHistoryStore
 
@@ -42,9 +43,14 @@ class LiveItem:
     description: str | None = None
 
     @property
-    def text(self) -> str:
-        """What places its token: the title, as training uses titles first."""
+    def token_text(self) -> str:
+        """What its token starts from: the title, as training starts items from titles first."""
         return self.title or self.description or ""
+
+    @property
+    def text(self) -> str:
+        """What its head rows are placed by: title and description, as the teacher reads items."""
+        return item_text(self.title, self.description)
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ from model.cllm4rec import score_prompts
 from model.prompts import build_recommend_prompt
 from model.config import ConfigError
 from model.initialise import text_vector
-from model.placement import text_neighbours
+from model.placement import TextReadout, head_rows, text_similarities
 from service import metrics
 from service.batcher import Batcher
 from service.catalogue import Catalogue, CatalogueState, LiveItem
@@ -100,6 +100,7 @@ class ServedModel:
     item_json: list[tuple[bytes, bytes]] = field(default_factory=list)
     # Held by a forward pass and by adding live items: the item tables never grow under a pass.
     lock: threading.Lock = field(default_factory=threading.Lock)
+    text_readout: TextReadout | None = None  # a readout head's text term for live items, fitted when first needed
 
     @classmethod
     def load(cls, checkpoint: Path, settings: Settings) -> ServedModel:
@@ -162,20 +163,24 @@ class ServedModel:
         return self.job(0 if self.recommender.space.n_users else None, [0], [0], 1)
 
     def add_live_items(self, items: Sequence[LiveItem]) -> None:
-        """Grow the catalogue by items placed by their text: the token as training places items by their
-        titles (model.initialise.text_vector), the head's rows among the items with the nearest titles
-        (model/placement.py), each with the median item bias: a typical item until it has a history.
+        """Grow the catalogue by items placed by their text (model/placement.py): the token as training
+        starts items from their titles (model.initialise.text_vector), the head's rows from the text's
+        similarity to the checkpoint's items (a readout head's text term is fitted on the first call).
         Runs in a thread; waits for the forward pass in progress."""
         recommender = self.recommender
-        words = recommender.model.backbone.get_input_embeddings().weight.detach().float()
-        vectors = [text_vector(words, recommender.space.tokenizer, item.text) for item in items]
+        model = recommender.model
+        words = model.backbone.get_input_embeddings().weight.detach().float()
+        vectors = [text_vector(words, recommender.space.tokenizer, item.token_text) for item in items]
         vectors = torch.stack([words.mean(0) if vector is None else vector for vector in vectors])
-        # Only a head with rows of its own places items by their neighbours; a tied head reads the token alone.
-        neighbours = text_neighbours(self.titles, [item.text for item in items]) \
-            if recommender.model.has_head_offsets else None
+        catalogue_texts = recommender.checkpoint.item_texts
+        if model.has_head_readout and self.text_readout is None:
+            self.text_readout = TextReadout.fit(model, recommender.space, recommender.checkpoint.split,
+                                                recommender.max_history, catalogue_texts)
+            log.info("live items' text term fitted for model %s: scale %.4g", self.version, self.text_readout.scale)
+        rows = head_rows(model, vectors, text_similarities(catalogue_texts, [item.text for item in items]),
+                         self.text_readout)
         with self.lock:
-            recommender.model.add_items(vectors, float(recommender.model.item_bias.detach().float().median()),
-                                        neighbours)
+            model.add_items(vectors, rows)
             recommender.space.n_items += len(items)
             for item in items:
                 index = len(recommender.checkpoint.item_ids)

@@ -97,3 +97,17 @@ def test_incomplete_metadata_is_refused(checkpoint_copy, change, message):
     edit_meta(checkpoint_copy, change)
     with pytest.raises(CheckpointError, match=message):
         read_checkpoint(checkpoint_copy)
+
+
+def test_item_texts_are_kept_and_a_checkpoint_without_them_reads_its_titles(checkpoint_copy, synthetic_data):
+    """Live items are placed by their text's similarity to the catalogue's texts (title and description),
+    which the checkpoint keeps; a checkpoint written before it kept them places by its titles."""
+    from model.checkpoint import IDS_FILE, sha256_file
+    from model.data import load_dataset
+
+    assert read_checkpoint(checkpoint_copy).item_texts == load_dataset(synthetic_data).item_texts
+    ids = json.loads((checkpoint_copy / IDS_FILE).read_text())
+    del ids["texts"]
+    (checkpoint_copy / IDS_FILE).write_text(json.dumps(ids))
+    edit_meta(checkpoint_copy, lambda m: m["files"].update({IDS_FILE: sha256_file(checkpoint_copy / IDS_FILE)}))
+    assert read_checkpoint(checkpoint_copy).item_texts == ids["titles"]

@@ -149,12 +149,13 @@ def test_a_reloaded_model_gets_the_live_items_too(tiny_checkpoint, offline, tmp_
         assert client.get("/items/live-4").json()["source"] == "live"
 
 
-def test_an_added_item_ranks_high_for_a_user_whose_history_is_about_the_same_thing(tmp_path_factory):
+@pytest.mark.parametrize("head", ["offsets", "readout"])
+def test_an_added_item_ranks_high_for_a_user_whose_history_is_about_the_same_thing(tmp_path_factory, head):
     """With the bundled SmolLM2 (cut to 2 layers, words that mean something) and a short training run on
-    the synthetic shop, a head with its own rows as the recipes train it: for users who only ever bought
-    coffee things, a new coffee product added by its title ranks above a new garden product, and near the
-    top of what they are recommended. (Placed by the mean word embedding of its title alone, it ranked
-    93rd of 98 for every one of them: model/placement.py.)"""
+    the synthetic shop, a head with its own rows as the recipes train it (the gpu recipe's offsets, the cpu
+    recipe's refitted readout): for users who only ever bought coffee things, a new coffee product added by
+    its title ranks above a new garden product, and near the top of what they are recommended. (Placed by
+    the mean word embedding of its title alone, it ranked 93rd of 98 for every one of them.)"""
     from model.backbone import DEFAULT_BACKBONE
     from model.config import TrainConfig
     from model.synthetic import CATEGORIES, write_synthetic_dataset
@@ -165,8 +166,10 @@ def test_an_added_item_ranks_high_for_a_user_whose_history_is_about_the_same_thi
     out = tmp_path_factory.mktemp("shop-model") / "ckpt"
     train(TrainConfig(data=str(data), out=str(out), backbone=DEFAULT_BACKBONE, backbone_layers=2, content=False,
                       content_epochs=0, pretrain_epochs=0, finetune_epochs=2, batch_size=32, val_users=0,
-                      finetune_lr=1e-3, head_bias=True, head_offsets=True))
+                      finetune_lr=1e-3, head_bias=True, head_offsets=True,
+                      **({"head_refit": True, "head_readout": True, "distill_weight": 1.0} if head == "readout" else {})))
     offline_model = load_recommender(out, "cpu")
+    assert bool(offline_model.model.head_readout.any()) == (head == "readout")  # the refit wrote one
     coffee = set(CATEGORIES["coffee"])
     titles = offline_model.checkpoint.item_titles
     coffee_users = [offline_model.checkpoint.user_ids[u] for u, items in enumerate(offline_model.checkpoint.split.train)
