@@ -28,9 +28,11 @@ def create_router(models: RequestModels) -> APIRouter:
                  dependencies=[Depends(require_write_key)])
     async def add_item(body: LiveItemRequest, engine: EngineDep) -> ItemResponse:
         """The item gets a token placed by its title with the function training uses to start items
-        from their titles, and the median item bias; the next /recommend can return it, on every
-        replica sharing the Redis, without retraining or reloading. It is kept in Redis (or the
-        process) and added again to a reloaded or restarted model."""
+        from their titles, and head rows placed by the similarity of its title and description to the
+        catalogue's texts (docs/serving.md); the next /recommend can return it, on every replica sharing
+        the Redis, without retraining or reloading. It is kept in Redis (or the process) and added again
+        to a reloaded or restarted model. The first item added to a loaded model waits for a few seconds
+        of fitting."""
         return await engine.add_item(LiveItem(body.item_id, body.title, body.description))
 
     @router.get("/items/{item_id}", summary="An item of the catalogue", dependencies=[Depends(require_read_key)])
