@@ -21,7 +21,9 @@
    what one request cannot go below.
 
 --json prints one JSON object instead of the tables (floor_ms, forward_p50_ms, http by concurrency,
-overhead_ratio, floor_ratio, autoregressive_ratio, device, precision, ...).
+overhead_ratio, floor_ratio, autoregressive_ratio, device, precision, ...), with breakdown_c1_mean_ms:
+where a request's time went at concurrency 1, means per request from the server's own histograms
+(in the server, queued, in the forward pass, in Redis, the rest of the server) and the client's.
 
 The server and this client share the machine's CPUs: run it with nothing else busy (docs/benchmarks.md).
 """
@@ -106,12 +108,30 @@ def floor_ms(recommender: Recommender, prompt_tokens: float, backbone_flops_per_
 
 # --- the server ------------------------------------------------------------------------------------
 
-def batch_stats(url: str) -> tuple[float, float]:
-    """(sum, count) of the server's batch size histogram."""
-    text = httpx.get(url + "/metrics").text
-    values = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
-              if s.name in ("cllm4rec_batch_size_sum", "cllm4rec_batch_size_count")}
-    return values["cllm4rec_batch_size_sum"], values["cllm4rec_batch_size_count"]
+# What the breakdown of a request reads from the server's own histograms: (metric, label filter).
+SERVER_TIMES = {
+    "server_ms": ("cllm4rec_http_request_duration_seconds", {"endpoint": "/recommend"}),  # first byte in, last out
+    "queue_wait_ms": ("cllm4rec_batch_queue_wait_seconds", {}),
+    "forward_ms": ("cllm4rec_model_forward_duration_seconds", {}),  # forward pass, masking and top-k
+    "redis_ms": ("cllm4rec_redis_operation_duration_seconds", {}),  # summed over the request's Redis calls
+}  # (the history and the catalogue's version are read side by side, so redis_ms can exceed their wall time)
+
+
+def server_sums(url: str) -> dict[str, float]:
+    """The server's histogram sums that SERVER_TIMES names (seconds), and its batch size's sum and count."""
+    wanted = {name + "_sum": (key, labels) for key, (name, labels) in SERVER_TIMES.items()}
+    sums = dict.fromkeys([*SERVER_TIMES, "batch_sum", "batch_count"], 0.0)
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics").text):
+        for sample in family.samples:
+            if sample.name in wanted:
+                key, labels = wanted[sample.name]
+                if all(sample.labels.get(label) == value for label, value in labels.items()):
+                    sums[key] += sample.value
+            elif sample.name == "cllm4rec_batch_size_sum":
+                sums["batch_sum"] = sample.value
+            elif sample.name == "cllm4rec_batch_size_count":
+                sums["batch_count"] = sample.value
+    return sums
 
 
 async def load(url: str, bodies: list[dict], concurrency: int) -> tuple[list[float], float]:
@@ -222,7 +242,7 @@ def main() -> None:
 
     prefix = f"bench-{uuid.uuid4().hex[:8]}:"
     port = args.port
-    rows = []
+    rows, breakdown = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         server = start_serve(args.checkpoint, port, {
             "CLLM4REC_REDIS_URL": args.redis_url, "CLLM4REC_REDIS_KEY_PREFIX": prefix,
@@ -232,11 +252,18 @@ def main() -> None:
         try:
             asyncio.run(load(url, bodies[: min(16, len(bodies))], 1))  # warm the connections and caches
             for concurrency in args.concurrency:
-                before = batch_stats(url)
+                before = server_sums(url)
                 latencies, wall = asyncio.run(load(url, bodies, concurrency))
-                after = batch_stats(url)
-                mean_batch = (after[0] - before[0]) / max(after[1] - before[1], 1)
+                after = server_sums(url)
+                batches = max(after["batch_count"] - before["batch_count"], 1)
+                mean_batch = (after["batch_sum"] - before["batch_sum"]) / batches
                 rows.append((concurrency, *percentiles(latencies), len(latencies) / wall, mean_batch))
+                if concurrency == 1:  # where a lone request's time goes, means per request (ms)
+                    breakdown = {key: MS * (after[key] - before[key]) / len(latencies) for key in SERVER_TIMES}
+                    breakdown["client_ms"] = MS * float(np.mean(latencies))
+                    breakdown["in_server_outside_model_ms"] = breakdown["server_ms"] - breakdown["forward_ms"] \
+                        - breakdown["queue_wait_ms"] - breakdown["redis_ms"]
+                    breakdown["client_and_transport_ms"] = breakdown["client_ms"] - breakdown["server_ms"]
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(60)
@@ -300,6 +327,7 @@ def main() -> None:
         "floor_ratio": round(http[1][1] / floor, 2) if 1 in http else None,
         "forward_floor_ratio": round(bare[1][0] / floor, 2),
         "autoregressive_ratio": round(ar_p50 / bare[1][0], 2),
+        "breakdown_c1_mean_ms": {key: round(value, 3) for key, value in breakdown.items()},
         "load_average_end": round(os.getloadavg()[0], 2),
     }
     if args.json:

@@ -157,8 +157,8 @@ def load_model_tensors(model: CLLM4Rec, tensors: dict[str, torch.Tensor]) -> Non
 
 def save_checkpoint(directory: str | Path, model: CLLM4Rec, *, backbone: str, backbone_layers: int,
                     templates: PromptTemplates, max_history: int, user_ids: list[str], item_ids: list[str],
-                    item_titles: list[str], item_texts: list[str], split: Split, data_fingerprint: str, train_config: dict,
-                    metrics: dict) -> str:
+                    item_titles: list[str], item_texts: list[str], split: Split, data_fingerprint: str,
+                    train_config: dict, metrics: dict) -> str:
     """Write the checkpoint; returns its model version id (derived from the embeddings' hash)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

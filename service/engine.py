@@ -354,10 +354,12 @@ class Engine:
         model = self.model  # the whole request is answered by one model, even if a reload swaps it meanwhile
         histories: list[Sequence[str] | None] = [r.history for r in requests]
         stored = [i for i, r in enumerate(requests) if r.history is None]
-        # One store round trip for every user whose history is needed, side by side with the catalogue's.
-        fetched, catalogue = await asyncio.gather(
-            self.store.get([requests[i].user_id for i in stored]) if stored else asyncio.sleep(0, []),
-            self.sync_catalogue(model))
+        # One store round trip for every user whose history is needed, side by side with the catalogue's;
+        # meanwhile a forward pass about to start waits for these requests (up to max_wait).
+        with self.batcher.arriving(len(requests)):
+            fetched, catalogue = await asyncio.gather(
+                self.store.get([requests[i].user_id for i in stored]) if stored else asyncio.sleep(0, []),
+                self.sync_catalogue(model))
         for i, history in zip(stored, fetched):
             histories[i] = history
         retired = model.indices(catalogue.retired)

@@ -1,13 +1,15 @@
 """The served backbone's number format on a CPU, chosen by measurement when a checkpoint loads.
 
 With CLLM4REC_DTYPE=auto on a CPU that has bfloat16 units (AVX-512 BF16 or AMX, read from its flags by
-model/precision.py), the loaded float32 backbone is timed on a one-prompt forward pass, then converted
-to bfloat16 and timed again; bfloat16 stays when it is faster and its top 20 items agree with float32's
-on at least MIN_TOP20_OVERLAP of sample prompts (the checkpoint's own users, prompts as served), else
-the float32 weights come back exactly. On a CPU without the units bfloat16 is emulated, about ten times
-slower (docs/benchmarks.md), so float32 is kept without trying. The user and item tables and the item
-head stay float32 either way: the head always computes in float32 (CLLM4Rec.item_logits), and the
-tables are per-user memory that CLLM4REC_DTYPE=bfloat16 halves when asked for explicitly.
+model/precision.py), the loaded float32 backbone is timed on a one-prompt forward pass, then in each
+bfloat16 format (BFLOAT16_FORMATS: the whole backbone in bfloat16, or only its linear maps with float32
+activations between them); the fastest format that is faster than float32 and whose top 20 items agree
+with float32's on at least MIN_TOP20_OVERLAP of sample prompts (the checkpoint's own users, prompts as
+served) stays, else the float32 weights come back exactly. On a CPU without the units bfloat16 is
+emulated, about ten times slower (docs/benchmarks.md), so float32 is kept without trying. The user
+and item tables and the item head stay float32 either way: the head always computes in float32
+(CLLM4Rec.item_logits), and the tables are per-user memory that CLLM4REC_DTYPE=bfloat16 halves when
+asked for explicitly.
 
 On this project's 2-core AVX-512 BF16 machine the 4-layer quickstart model scored a batch of 64 in
 50 ms in bfloat16 against 175 ms in float32, 98.5% of its top 20 shared (docs/benchmarks.md).
@@ -20,23 +22,69 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from model.checkpoint import Recommender
 from model.cllm4rec import score_prompts
 from model.precision import BF16_CPU_FLAGS, cpu_has_bf16_units
 from model.prompts import build_recommend_prompt
 
-MIN_TOP20_OVERLAP = 0.98  # the share of float32's top 20 that bfloat16 must return too
+MIN_TOP20_OVERLAP = 0.98  # the share of float32's top 20 that a bfloat16 format must return too
+BFLOAT16_FORMATS = ("bfloat16", "bfloat16-linear")  # the candidates, each put on, timed and taken off
 SAMPLE_PROMPTS = 64  # users whose prompts compare the two formats' rankings
 TIMING_REPEATS = 7  # forward passes timed per format (the median counts)
 
 
 @dataclass
 class PrecisionChoice:
-    precision: str  # the backbone's weights: "float32" or "bfloat16"
+    precision: str  # the backbone's number format: "float32", "bfloat16" or "bfloat16-linear"
     reason: str  # one line for the log
     batch1_ms: dict[str, float] = field(default_factory=dict)  # median forward time per format tried
-    top20_overlap: float | None = None  # bfloat16's agreement with float32, when tried
+    top20_overlap: dict[str, float] = field(default_factory=dict)  # each bfloat16 format's agreement with float32
+
+
+class Bfloat16Linear(nn.Module):
+    """A linear map that multiplies in bfloat16 between float32 activations: its weights are stored in
+    bfloat16, while the residual stream, the norms and the attention between the maps stay float32, so
+    bfloat16's rounding does not pile up along the blocks' residual additions (at 30 layers the whole
+    backbone in bfloat16 shared 96% of float32's top 20, below MIN_TOP20_OVERLAP; docs/benchmarks.md)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.weight = nn.Parameter(linear.weight.detach().to(torch.bfloat16), requires_grad=False)
+        self.bias = None if linear.bias is None else \
+            nn.Parameter(linear.bias.detach().to(torch.bfloat16), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(torch.bfloat16), self.weight, self.bias).to(x.dtype)
+
+
+class BackboneFormat:
+    """One way of holding the backbone's weights, put on and taken off exactly: "bfloat16" converts every
+    parameter (buffers such as the rotary frequencies stay float32: the attention casts its rotation to
+    the activations' format), "bfloat16-linear" swaps the blocks' linear maps for Bfloat16Linear."""
+
+    def __init__(self, backbone: nn.Module, name: str):
+        self.name = name
+        self.parameters = list(backbone.parameters())
+        self.float32_weights = [p.data for p in self.parameters]
+        self.linear_maps = [(parent, child_name, child) for parent in backbone.base_model.modules()
+                            for child_name, child in parent.named_children() if isinstance(child, nn.Linear)]
+
+    def put_on(self) -> None:
+        if self.name == "bfloat16":
+            for p in self.parameters:
+                p.data = p.data.to(torch.bfloat16)
+        else:
+            for parent, child_name, child in self.linear_maps:
+                setattr(parent, child_name, Bfloat16Linear(child))
+
+    def take_off(self) -> None:
+        for p, weights in zip(self.parameters, self.float32_weights):
+            p.data = weights
+        for parent, child_name, child in self.linear_maps:
+            setattr(parent, child_name, child)
 
 
 def sample_prompts(recommender: Recommender, n: int) -> list[list[int]]:
@@ -63,28 +111,26 @@ def top20_overlap(reference: torch.Tensor, other: torch.Tensor) -> float:
 
 
 def choose_cpu_precision(recommender: Recommender) -> PrecisionChoice:
-    """Leave the recommender's float32 backbone in the faster format whose rankings agree (see above)."""
+    """Leave the recommender's float32 backbone in the fastest format whose rankings agree (see above)."""
     if not cpu_has_bf16_units():
         return PrecisionChoice("float32", f"this CPU has no bfloat16 units ({' or '.join(BF16_CPU_FLAGS)})")
     prompts = sample_prompts(recommender, SAMPLE_PROMPTS)
     if not prompts:
         return PrecisionChoice("float32", "no training users to compare the formats on")
-    backbone = recommender.model.backbone
     reference = score_prompts(recommender.model, prompts)
-    timings = {"float32": median_ms(recommender, prompts[0])}
-    # The parameters alone: buffers such as the rotary frequencies stay float32 (the attention casts its
-    # rotation to the activations' format), and the float32 tensors are kept to be put back exactly.
-    parameters = list(backbone.parameters())
-    float32_weights = [p.data for p in parameters]
-    for p in parameters:
-        p.data = p.data.to(torch.bfloat16)
-    timings["bfloat16"] = median_ms(recommender, prompts[0])
-    overlap = top20_overlap(reference, score_prompts(recommender.model, prompts))
-    shown = f"batch-1 forward {timings['float32']:.1f} ms float32, {timings['bfloat16']:.1f} ms bfloat16; " \
-            f"top 20 shared {overlap:.3f}"
-    if timings["bfloat16"] < timings["float32"] and overlap >= MIN_TOP20_OVERLAP:
-        return PrecisionChoice("bfloat16", f"bfloat16 backbone ({shown})", timings, overlap)
-    for p, weights in zip(parameters, float32_weights):
-        p.data = weights
-    return PrecisionChoice("float32", f"float32 backbone, bfloat16 was slower or ranked differently ({shown})",
-                           timings, overlap)
+    timings, overlaps = {"float32": median_ms(recommender, prompts[0])}, {}
+    formats = {name: BackboneFormat(recommender.model.backbone, name) for name in BFLOAT16_FORMATS}
+    for name, backbone_format in formats.items():
+        backbone_format.put_on()
+        timings[name] = median_ms(recommender, prompts[0])
+        overlaps[name] = top20_overlap(reference, score_prompts(recommender.model, prompts))
+        backbone_format.take_off()
+    shown = "batch-1 forward " + ", ".join(f"{timings[name]:.1f} ms {name}" for name in timings) + "; top 20 shared " \
+        + ", ".join(f"{overlaps[name]:.3f} {name}" for name in overlaps)
+    agreeing = [name for name in formats if overlaps[name] >= MIN_TOP20_OVERLAP and timings[name] < timings["float32"]]
+    if not agreeing:
+        return PrecisionChoice("float32", f"float32 backbone, bfloat16 was slower or ranked differently ({shown})",
+                               timings, overlaps)
+    fastest = min(agreeing, key=timings.get)
+    formats[fastest].put_on()
+    return PrecisionChoice(fastest, f"{fastest} backbone ({shown})", timings, overlaps)

@@ -74,7 +74,8 @@ class Settings(BaseSettings):
 
     # --- batching ---
     max_batch_size: int = Field(32, ge=1, description="most requests scored in one forward pass")
-    max_wait_ms: float = Field(2.0, ge=0, description="how long the first request of a batch waits for others")
+    max_wait_ms: float = Field(2.0, ge=0, description="how long a batch waits for requests on their way to it "
+                               "(reading their histories); a lone request does not wait")
     queue_size: int = Field(256, ge=1, description="requests waiting for the model; beyond this, 503 with "
                             "Retry-After")
     request_timeout_s: float = Field(10.0, gt=0, description="a recommendation not answered within this "

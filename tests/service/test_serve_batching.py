@@ -113,3 +113,25 @@ def test_sigterm_drains_in_flight_requests(tiny_checkpoint, offline):
     assert results and results[0].status_code == 200  # finished, not cut off
     with pytest.raises(httpx.ConnectError):  # and nothing new is accepted
         httpx.get(server.url + "/healthz")
+
+
+def test_a_lone_request_runs_at_once_and_a_batch_waits_only_for_requests_on_their_way():
+    """max_wait is how long a batch may wait for company, spent only while other requests are on their way
+    (reading their histories): a lone request is scored at once, even with a minute of max_wait."""
+    from service.batcher import Batcher
+
+    async def scenario() -> list[list[str]]:
+        batches: list[list[str]] = []
+        batcher = Batcher(lambda jobs: batches.append(list(jobs)) or list(jobs), max_batch_size=8, max_wait_s=60,
+                          queue_size=8)
+        batcher.start()
+        assert await asyncio.wait_for(batcher.submit("alone"), 10) == "alone"
+        with batcher.arriving():
+            first = asyncio.create_task(batcher.submit("first"))
+            await asyncio.sleep(0.05)  # the batch holds "first" and waits for the request on its way
+        second = asyncio.create_task(batcher.submit("second"))
+        assert await asyncio.wait_for(asyncio.gather(first, second), 10) == ["first", "second"]
+        await batcher.stop()
+        return batches
+
+    assert asyncio.run(scenario()) == [["alone"], ["first", "second"]]

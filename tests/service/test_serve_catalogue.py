@@ -149,6 +149,9 @@ def test_a_reloaded_model_gets_the_live_items_too(tiny_checkpoint, offline, tmp_
         assert client.get("/items/live-4").json()["source"] == "live"
 
 
+READOUT_HEAD = {"head_refit": True, "head_readout": True, "distill_weight": 1.0}  # the cpu recipe's head
+
+
 @pytest.mark.parametrize("head", ["offsets", "readout"])
 def test_an_added_item_ranks_high_for_a_user_whose_history_is_about_the_same_thing(tmp_path_factory, head):
     """With the bundled SmolLM2 (cut to 2 layers, words that mean something) and a short training run on
@@ -167,7 +170,7 @@ def test_an_added_item_ranks_high_for_a_user_whose_history_is_about_the_same_thi
     train(TrainConfig(data=str(data), out=str(out), backbone=DEFAULT_BACKBONE, backbone_layers=2, content=False,
                       content_epochs=0, pretrain_epochs=0, finetune_epochs=2, batch_size=32, val_users=0,
                       finetune_lr=1e-3, head_bias=True, head_offsets=True,
-                      **({"head_refit": True, "head_readout": True, "distill_weight": 1.0} if head == "readout" else {})))
+                      **(READOUT_HEAD if head == "readout" else {})))
     offline_model = load_recommender(out, "cpu")
     assert bool(offline_model.model.head_readout.any()) == (head == "readout")  # the refit wrote one
     coffee = set(CATEGORIES["coffee"])

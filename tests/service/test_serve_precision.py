@@ -9,7 +9,7 @@ import torch
 from model.checkpoint import load_recommender
 from model.cllm4rec import score_prompts
 from service import precision
-from service.precision import MIN_TOP20_OVERLAP, choose_cpu_precision, sample_prompts, top20_overlap
+from service.precision import BFLOAT16_FORMATS, MIN_TOP20_OVERLAP, choose_cpu_precision, sample_prompts, top20_overlap
 from serving_helpers import metric_value, running_server, server_settings
 
 
@@ -21,24 +21,40 @@ def test_without_bf16_units_the_backbone_stays_float32_untried(tiny_checkpoint, 
     assert all(p.dtype == torch.float32 for p in recommender.model.backbone.parameters())
 
 
-def test_with_bf16_units_the_faster_format_that_ranks_alike_is_kept(tiny_checkpoint, monkeypatch):
-    """Whichever wins on this machine: bfloat16 is kept only when faster with the same top 20, and a float32
-    choice gives back the very float32 scores."""
+def test_with_bf16_units_the_fastest_format_that_ranks_alike_is_kept(tiny_checkpoint, monkeypatch):
+    """Whichever wins on this machine: a bfloat16 format is kept only when faster with the same top 20, and a
+    float32 choice gives back the very float32 scores."""
     monkeypatch.setattr(precision, "cpu_has_bf16_units", lambda: True)
     recommender = load_recommender(tiny_checkpoint, "cpu")
     prompts = sample_prompts(recommender, 64)
     reference = score_prompts(recommender.model, prompts)
     choice = choose_cpu_precision(recommender)
-    dtypes = {p.dtype for p in recommender.model.backbone.parameters()}
-    assert set(choice.batch1_ms) == {"float32", "bfloat16"} and choice.top20_overlap is not None
-    if choice.precision == "bfloat16":
-        assert dtypes == {torch.bfloat16}
-        assert choice.batch1_ms["bfloat16"] < choice.batch1_ms["float32"]
+    assert set(choice.batch1_ms) == {"float32", *BFLOAT16_FORMATS}
+    assert set(choice.top20_overlap) == set(BFLOAT16_FORMATS)
+    if choice.precision != "float32":
+        assert choice.batch1_ms[choice.precision] == min(choice.batch1_ms.values())
         assert top20_overlap(reference, score_prompts(recommender.model, prompts)) >= MIN_TOP20_OVERLAP
     else:
-        assert dtypes == {torch.float32}
         assert torch.equal(score_prompts(recommender.model, prompts), reference)
+    assert all(p.dtype == (torch.bfloat16 if choice.precision == "bfloat16" else torch.float32)
+               for p in recommender.model.backbone.base_model.embed_tokens.parameters())
     assert recommender.model.collab_items.weight.dtype == torch.float32  # tables stay float32 either way
+
+
+def test_each_bfloat16_format_is_taken_off_exactly(tiny_checkpoint):
+    """A format that is tried and not kept leaves the float32 backbone as it was: the same scores."""
+    recommender = load_recommender(tiny_checkpoint, "cpu")
+    prompts = sample_prompts(recommender, 16)
+    reference = score_prompts(recommender.model, prompts)
+    for name in BFLOAT16_FORMATS:
+        backbone_format = precision.BackboneFormat(recommender.model.backbone, name)
+        backbone_format.put_on()
+        changed = score_prompts(recommender.model, prompts)
+        backbone_format.take_off()
+        assert not torch.equal(changed, reference)  # it was on
+        assert torch.equal(score_prompts(recommender.model, prompts), reference)
+    linear = precision.Bfloat16Linear(torch.nn.Linear(8, 4))
+    assert linear(torch.randn(3, 8)).dtype == torch.float32 and linear.weight.dtype == torch.bfloat16
 
 
 def test_readiness_and_the_model_metric_name_the_precision(tiny_checkpoint, monkeypatch):
