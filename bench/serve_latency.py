@@ -17,8 +17,8 @@
 5. The floor: the prompts' FLOPs (2 x the backbone layers' weights per prompt token, plus the item
    head's 2 x (width + readout width) x items once) divided by the matrix-multiply FLOP/s this run
    measures on this machine (best of several, in the backbone's number format for the backbone and
-   float32 for the head), plus reading the head's tables once at the copy bandwidth it measures:
-   what one request cannot go below.
+   float32 for the head), plus reading the head's tables once at the read bandwidth it measures (a
+   large matrix-vector product): what one request cannot go below, as the serving-speed issue defines it.
 
 --json prints one JSON object instead of the tables (floor_ms, forward_p50_ms, http by concurrency,
 overhead_ratio, floor_ratio, autoregressive_ratio, device, precision, ...), with breakdown_c1_mean_ms:
@@ -78,17 +78,20 @@ def peak_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 1024
     return 2 * size**3 / best
 
 
-def copy_bandwidth(device: torch.device, megabytes: int = 256, repeats: int = 3) -> float:
-    """Bytes/s read and written by a clone of a large tensor (best of `repeats`)."""
-    source = torch.empty(megabytes * 2**20 // 4, dtype=torch.float32, device=device).fill_(1.0)
+def read_bandwidth(device: torch.device, megabytes: int = 256, repeats: int = 5) -> float:
+    """Bytes/s read by a matrix-vector product over a large float32 matrix (best of `repeats`): how fast the
+    head's GEMV can read its tables. (A copy, read and written, understated it: the cpu recipe's readout
+    head then ran below its "floor".)"""
+    matrix = torch.ones(megabytes * 2**20 // 4 // 4096, 4096, dtype=torch.float32, device=device)
+    vector = torch.ones(4096, dtype=torch.float32, device=device)
     best = float("inf")
-    for _ in range(repeats):
+    for _ in range(repeats + 1):  # the first is a warm-up
         started = time.perf_counter()
-        source.clone()
+        matrix @ vector
         if device.type == "cuda":
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - started)
-    return 2 * source.numel() * 4 / best
+    return matrix.numel() * 4 / best
 
 
 def floor_ms(recommender: Recommender, prompt_tokens: float, backbone_flops_per_s: float, head_flops_per_s: float,
@@ -314,9 +317,9 @@ def main() -> None:
     compute_dtype = torch.bfloat16 if device.type == "cuda" and backbone_dtype == torch.float32 else backbone_dtype
     mean_tokens = float(np.mean([len(p) for p in prompts]))
     floor, prompt_flops = floor_ms(recommender, mean_tokens, peak_matmul_flops(device, compute_dtype),
-                                   peak_matmul_flops(device, torch.float32), copy_bandwidth(device))
+                                   peak_matmul_flops(device, torch.float32), read_bandwidth(device))
     result = {
-        "device": str(device), "precision": str(compute_dtype).removeprefix("torch."), "threads": args.threads,
+        "device": str(device), "precision": served.precision.precision, "threads": args.threads,
         "backbone_layers": meta["backbone"]["layers"], "n_items": meta["n_items"], "k": args.k,
         "mean_prompt_tokens": round(mean_tokens, 1), "prompt_flops": prompt_flops, "floor_ms": round(floor, 3),
         "forward_p50_ms": round(bare[1][0], 3),

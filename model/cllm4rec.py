@@ -173,6 +173,9 @@ class CLLM4Rec(nn.Module):
         readout_width = 2 * backbone.config.num_hidden_layers * hidden if head_readout else 0
         self.head_readout = nn.Parameter(torch.zeros(n_items, readout_width), requires_grad=False)  # 0 wide: off
         self.input_gradients = True  # train the soft tokens through the backbone too (the paper); see embed()
+        # Another engine running the same frozen backbone for passes without gradients (serving picks
+        # service/onnx_backbone.py's where it measures faster), or None: PyTorch's.
+        self.inference_backbone = None
         self.adapters: dict[str, LowRankAdapter] = {}  # low-rank adapters in the backbone (model.adapters), if any
         self.adapter_rank = self.adapter_layers = 0
         self.adapter_targets = "all"
@@ -240,9 +243,14 @@ class CLLM4Rec(nn.Module):
 
     def backbone_output(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, view: str,
                         every_layer: bool = False):
-        """The backbone's output on the view's embeddings (with every layer's states when every_layer)."""
-        return self.backbone.base_model(inputs_embeds=self.embed(input_ids, view), attention_mask=attention_mask,
-                                        use_cache=False, output_hidden_states=every_layer)
+        """The backbone's output on the view's embeddings (with every layer's states when every_layer); without
+        gradients through the inference backbone when one is set and gives them."""
+        embeds = self.embed(input_ids, view)
+        runner = self.inference_backbone
+        if runner is not None and not torch.is_grad_enabled() and (runner.every_layer or not every_layer):
+            return runner(embeds, attention_mask)
+        return self.backbone.base_model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False,
+                                        output_hidden_states=every_layer)
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, view: str) -> torch.Tensor:
         return self.backbone_output(input_ids, attention_mask, view).last_hidden_state

@@ -1,22 +1,21 @@
-"""The served backbone's number format on a CPU, chosen by measurement when a checkpoint loads.
+"""The served backbone's format on a CPU, chosen by measurement when a checkpoint loads.
 
-With CLLM4REC_DTYPE=auto on a CPU that has bfloat16 units (AVX-512 BF16 or AMX, read from its flags by
-model/precision.py), the loaded float32 backbone is timed on a one-prompt forward pass, then in each
-bfloat16 format (BFLOAT16_FORMATS: the whole backbone in bfloat16, or only its linear maps with float32
-activations between them); the fastest format that is faster than float32 and whose top 20 items agree
-with float32's on at least MIN_TOP20_OVERLAP of sample prompts (the checkpoint's own users, prompts as
-served) stays, else the float32 weights come back exactly. On a CPU without the units bfloat16 is
-emulated, about ten times slower (docs/benchmarks.md), so float32 is kept without trying. The user
-and item tables and the item head stay float32 either way: the head always computes in float32
+With CLLM4REC_DTYPE=auto on a CPU the loaded float32 backbone is timed on a one-prompt forward pass as
+PyTorch runs it, then in each other format (candidate_formats): float32 through ONNX Runtime
+(service/onnx_backbone.py) and, where the CPU has bfloat16 units (AVX-512 BF16 or AMX, read from its
+flags by model/precision.py), the whole backbone in bfloat16 or only its linear maps with float32
+activations between them. The fastest format that is faster than PyTorch's float32 and whose top 20 items
+agree with its top 20 on at least MIN_TOP20_OVERLAP of sample prompts (the checkpoint's own users, prompts
+as served) stays, else the float32 backbone comes back exactly. On a CPU without the units bfloat16 is
+emulated, about ten times slower (docs/benchmarks.md), so it is not tried. The user and item tables and
+the item head stay float32 and PyTorch's either way: the head always computes in float32
 (CLLM4Rec.item_logits), and the tables are per-user memory that CLLM4REC_DTYPE=bfloat16 halves when
-asked for explicitly.
-
-On this project's 2-core AVX-512 BF16 machine the 4-layer quickstart model scored a batch of 64 in
-50 ms in bfloat16 against 175 ms in float32, 98.5% of its top 20 shared (docs/benchmarks.md).
+asked for explicitly. Measured choices: docs/benchmarks.md ("Precision of the served model").
 """
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -26,22 +25,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.checkpoint import Recommender
-from model.cllm4rec import score_prompts
+from model.cllm4rec import CLLM4Rec, score_prompts
 from model.precision import BF16_CPU_FLAGS, cpu_has_bf16_units
 from model.prompts import build_recommend_prompt
+from service.onnx_backbone import OnnxBackbone
 
-MIN_TOP20_OVERLAP = 0.98  # the share of float32's top 20 that a bfloat16 format must return too
-BFLOAT16_FORMATS = ("bfloat16", "bfloat16-linear")  # the candidates, each put on, timed and taken off
-SAMPLE_PROMPTS = 64  # users whose prompts compare the two formats' rankings
+log = logging.getLogger(__name__)
+
+MIN_TOP20_OVERLAP = 0.98  # the share of PyTorch float32's top 20 that another format must return too
+# The candidates, each put on, timed and taken off: float32 through ONNX Runtime, and the bfloat16 formats.
+ONNXRUNTIME_FORMATS = ("float32-onnxruntime",)
+BFLOAT16_FORMATS = ("bfloat16", "bfloat16-linear")
+SAMPLE_PROMPTS = 64  # users whose prompts compare the formats' rankings
 TIMING_REPEATS = 7  # forward passes timed per format (the median counts)
 
 
 @dataclass
 class PrecisionChoice:
-    precision: str  # the backbone's number format: "float32", "bfloat16" or "bfloat16-linear"
+    precision: str  # the backbone's format: "float32" (PyTorch), or one of ONNXRUNTIME_FORMATS, BFLOAT16_FORMATS
     reason: str  # one line for the log
     batch1_ms: dict[str, float] = field(default_factory=dict)  # median forward time per format tried
-    top20_overlap: dict[str, float] = field(default_factory=dict)  # each bfloat16 format's agreement with float32
+    top20_overlap: dict[str, float] = field(default_factory=dict)  # each other format's agreement with float32
 
 
 class Bfloat16Linear(nn.Module):
@@ -61,30 +65,38 @@ class Bfloat16Linear(nn.Module):
 
 
 class BackboneFormat:
-    """One way of holding the backbone's weights, put on and taken off exactly: "bfloat16" converts every
-    parameter (buffers such as the rotary frequencies stay float32: the attention casts its rotation to
-    the activations' format), "bfloat16-linear" swaps the blocks' linear maps for Bfloat16Linear."""
+    """One way of running the backbone, put on and taken off exactly: "bfloat16" converts every parameter
+    (buffers such as the rotary frequencies stay float32: the attention casts its rotation to the
+    activations' format), "bfloat16-linear" swaps the blocks' linear maps for Bfloat16Linear, and
+    "float32-onnxruntime" runs the float32 backbone through ONNX Runtime (service/onnx_backbone.py)."""
 
-    def __init__(self, backbone: nn.Module, name: str):
+    def __init__(self, model: CLLM4Rec, name: str):
         self.name = name
-        self.parameters = list(backbone.parameters())
+        self.model = model
+        self.parameters = list(model.backbone.parameters())
         self.float32_weights = [p.data for p in self.parameters]
-        self.linear_maps = [(parent, child_name, child) for parent in backbone.base_model.modules()
+        self.linear_maps = [(parent, child_name, child) for parent in model.backbone.base_model.modules()
                             for child_name, child in parent.named_children() if isinstance(child, nn.Linear)]
+        self.runner: OnnxBackbone | None = None  # exported on the first put_on
 
     def put_on(self) -> None:
         if self.name == "bfloat16":
             for p in self.parameters:
                 p.data = p.data.to(torch.bfloat16)
-        else:
+        elif self.name == "bfloat16-linear":
             for parent, child_name, child in self.linear_maps:
                 setattr(parent, child_name, Bfloat16Linear(child))
+        else:
+            if self.runner is None:
+                self.runner = OnnxBackbone(self.model.backbone, self.model.has_head_readout, torch.get_num_threads())
+            self.model.inference_backbone = self.runner
 
     def take_off(self) -> None:
         for p, weights in zip(self.parameters, self.float32_weights):
             p.data = weights
         for parent, child_name, child in self.linear_maps:
             setattr(parent, child_name, child)
+        self.model.inference_backbone = None
 
 
 def sample_prompts(recommender: Recommender, n: int) -> list[list[int]]:
@@ -110,26 +122,39 @@ def top20_overlap(reference: torch.Tensor, other: torch.Tensor) -> float:
     return sum(len(set(x.tolist()) & set(y.tolist())) for x, y in zip(a, b)) / (k * len(a))
 
 
+def candidate_formats() -> tuple[str, ...]:
+    """The formats worth trying on this CPU: ONNX Runtime's float32 anywhere, bfloat16 only with its units."""
+    return ONNXRUNTIME_FORMATS + (BFLOAT16_FORMATS if cpu_has_bf16_units() else ())
+
+
 def choose_cpu_precision(recommender: Recommender) -> PrecisionChoice:
     """Leave the recommender's float32 backbone in the fastest format whose rankings agree (see above)."""
-    if not cpu_has_bf16_units():
-        return PrecisionChoice("float32", f"this CPU has no bfloat16 units ({' or '.join(BF16_CPU_FLAGS)})")
     prompts = sample_prompts(recommender, SAMPLE_PROMPTS)
     if not prompts:
         return PrecisionChoice("float32", "no training users to compare the formats on")
     reference = score_prompts(recommender.model, prompts)
-    timings, overlaps = {"float32": median_ms(recommender, prompts[0])}, {}
-    formats = {name: BackboneFormat(recommender.model.backbone, name) for name in BFLOAT16_FORMATS}
-    for name, backbone_format in formats.items():
-        backbone_format.put_on()
+    timings, overlaps, failed = {"float32": median_ms(recommender, prompts[0])}, {}, []
+    formats = {}
+    for name in candidate_formats():
+        backbone_format = BackboneFormat(recommender.model, name)
+        try:
+            backbone_format.put_on()
+        except Exception as e:  # a backbone the exporter cannot take: that format is not a candidate
+            log.warning("backbone format %s unavailable: %r", name, e)
+            failed.append(name)
+            backbone_format.take_off()
+            continue
+        formats[name] = backbone_format
         timings[name] = median_ms(recommender, prompts[0])
         overlaps[name] = top20_overlap(reference, score_prompts(recommender.model, prompts))
         backbone_format.take_off()
     shown = "batch-1 forward " + ", ".join(f"{timings[name]:.1f} ms {name}" for name in timings) + "; top 20 shared " \
-        + ", ".join(f"{overlaps[name]:.3f} {name}" for name in overlaps)
+        + ", ".join(f"{overlaps[name]:.3f} {name}" for name in overlaps) \
+        + ("" if cpu_has_bf16_units() else f"; no bfloat16 units ({' or '.join(BF16_CPU_FLAGS)})") \
+        + "".join(f"; {name} failed" for name in failed)
     agreeing = [name for name in formats if overlaps[name] >= MIN_TOP20_OVERLAP and timings[name] < timings["float32"]]
     if not agreeing:
-        return PrecisionChoice("float32", f"float32 backbone, bfloat16 was slower or ranked differently ({shown})",
+        return PrecisionChoice("float32", f"float32 backbone, the others were slower or ranked differently ({shown})",
                                timings, overlaps)
     fastest = min(agreeing, key=timings.get)
     formats[fastest].put_on()

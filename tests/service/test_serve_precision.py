@@ -1,38 +1,45 @@
-"""The CPU path chosen at load (CLLM4REC_DTYPE=auto): bfloat16 only where the CPU has the units, it measured
-faster and it ranks as float32 does; float32 otherwise, restored exactly; /readyz and the model metric say
-which runs."""
+"""The CPU path chosen at load (CLLM4REC_DTYPE=auto): ONNX Runtime's float32 or a bfloat16 format (the latter
+only where the CPU has the units) when it measured faster and ranks as PyTorch's float32 does; PyTorch's
+float32 otherwise, restored exactly; /readyz and the model metric say which runs."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from model.backbone import load_backbone
 from model.checkpoint import load_recommender
-from model.cllm4rec import score_prompts
+from model.cllm4rec import CLLM4Rec, score_prompts
+from model.prompts import PromptTemplates, TokenSpace, build_recommend_prompt
 from service import precision
-from service.precision import BFLOAT16_FORMATS, MIN_TOP20_OVERLAP, choose_cpu_precision, sample_prompts, top20_overlap
+from service.onnx_backbone import OnnxBackbone
+from service.precision import (BFLOAT16_FORMATS, MIN_TOP20_OVERLAP, ONNXRUNTIME_FORMATS, choose_cpu_precision,
+                               sample_prompts, top20_overlap)
 from serving_helpers import metric_value, running_server, server_settings
 
 
-def test_without_bf16_units_the_backbone_stays_float32_untried(tiny_checkpoint, monkeypatch):
+def test_without_bf16_units_only_onnxruntime_is_tried(tiny_checkpoint, monkeypatch):
     monkeypatch.setattr(precision, "cpu_has_bf16_units", lambda: False)
     recommender = load_recommender(tiny_checkpoint, "cpu")
     choice = choose_cpu_precision(recommender)
-    assert choice.precision == "float32" and "no bfloat16 units" in choice.reason and not choice.batch1_ms
+    assert set(choice.batch1_ms) == {"float32", *ONNXRUNTIME_FORMATS} and "no bfloat16 units" in choice.reason
+    assert choice.precision in ("float32", *ONNXRUNTIME_FORMATS)
     assert all(p.dtype == torch.float32 for p in recommender.model.backbone.parameters())
 
 
-def test_with_bf16_units_the_fastest_format_that_ranks_alike_is_kept(tiny_checkpoint, monkeypatch):
-    """Whichever wins on this machine: a bfloat16 format is kept only when faster with the same top 20, and a
-    float32 choice gives back the very float32 scores."""
+def test_the_fastest_format_that_ranks_alike_is_kept(tiny_checkpoint, monkeypatch):
+    """Whichever wins on this machine: a format is kept only when faster with the same top 20, and a float32
+    choice gives back the very float32 scores."""
     monkeypatch.setattr(precision, "cpu_has_bf16_units", lambda: True)
     recommender = load_recommender(tiny_checkpoint, "cpu")
     prompts = sample_prompts(recommender, 64)
     reference = score_prompts(recommender.model, prompts)
     choice = choose_cpu_precision(recommender)
-    assert set(choice.batch1_ms) == {"float32", *BFLOAT16_FORMATS}
-    assert set(choice.top20_overlap) == set(BFLOAT16_FORMATS)
+    formats = {*ONNXRUNTIME_FORMATS, *BFLOAT16_FORMATS}
+    assert set(choice.batch1_ms) == {"float32", *formats} and set(choice.top20_overlap) == formats
     if choice.precision != "float32":
-        assert choice.batch1_ms[choice.precision] == min(choice.batch1_ms.values())
+        agreeing = [name for name in formats if choice.top20_overlap[name] >= MIN_TOP20_OVERLAP]
+        assert choice.batch1_ms[choice.precision] == min(choice.batch1_ms[name] for name in agreeing)
         assert top20_overlap(reference, score_prompts(recommender.model, prompts)) >= MIN_TOP20_OVERLAP
     else:
         assert torch.equal(score_prompts(recommender.model, prompts), reference)
@@ -41,26 +48,67 @@ def test_with_bf16_units_the_fastest_format_that_ranks_alike_is_kept(tiny_checkp
     assert recommender.model.collab_items.weight.dtype == torch.float32  # tables stay float32 either way
 
 
-def test_each_bfloat16_format_is_taken_off_exactly(tiny_checkpoint):
-    """A format that is tried and not kept leaves the float32 backbone as it was: the same scores."""
+def test_each_format_is_taken_off_exactly(tiny_checkpoint):
+    """A format that is tried and not kept leaves PyTorch's float32 backbone as it was: the same scores."""
     recommender = load_recommender(tiny_checkpoint, "cpu")
     prompts = sample_prompts(recommender, 16)
     reference = score_prompts(recommender.model, prompts)
-    for name in BFLOAT16_FORMATS:
-        backbone_format = precision.BackboneFormat(recommender.model.backbone, name)
+    for name in (*ONNXRUNTIME_FORMATS, *BFLOAT16_FORMATS):
+        backbone_format = precision.BackboneFormat(recommender.model, name)
         backbone_format.put_on()
         changed = score_prompts(recommender.model, prompts)
         backbone_format.take_off()
-        assert not torch.equal(changed, reference)  # it was on
-        assert torch.equal(score_prompts(recommender.model, prompts), reference)
+        assert not torch.equal(changed, reference), name  # it was on
+        assert torch.equal(score_prompts(recommender.model, prompts), reference), name
     linear = precision.Bfloat16Linear(torch.nn.Linear(8, 4))
     assert linear(torch.randn(3, 8)).dtype == torch.float32 and linear.weight.dtype == torch.bfloat16
 
 
-def test_readiness_and_the_model_metric_name_the_precision(tiny_checkpoint, monkeypatch):
+@pytest.mark.parametrize("readout", [False, True])
+def test_onnxruntime_scores_as_pytorch_float32(tiny_llama, readout):
+    """The exported backbone gives PyTorch's float32 scores (to float rounding) for padded batches of prompts
+    of every length, the head reading the last state alone or, with a readout, every layer's states."""
+    backbone, tokenizer = load_backbone(str(tiny_llama))
+    torch.manual_seed(0)
+    model = CLLM4Rec(backbone, 6, 40, head_offsets=readout, head_readout=readout)
+    with torch.no_grad():
+        model.head_readout.normal_(std=0.1)
+    space = TokenSpace(tokenizer, model.n_words, 6, 40, PromptTemplates())
+    prompts = [build_recommend_prompt(space, u, list(range(u, 4 * u + 1)), 20) for u in range(6)]
+    reference = score_prompts(model, prompts)
+    model.inference_backbone = OnnxBackbone(backbone, readout, 1)
+    scores = score_prompts(model, prompts)
+    torch.testing.assert_close(scores, reference, rtol=1e-4, atol=1e-4)
+    assert top20_overlap(reference, scores) == 1.0
+    torch.testing.assert_close(score_prompts(model, prompts[2:3]), reference[2:3], rtol=1e-4, atol=1e-4)  # alone
+
+
+def test_a_format_that_cannot_be_put_on_is_left_out(tiny_checkpoint, monkeypatch):
+    """An exporter failure (a backbone ONNX cannot take) costs that candidate only: the choice goes on."""
+    def refuse(*args, **kwargs):
+        raise RuntimeError("no exporter for this backbone")
+
+    monkeypatch.setattr(precision, "OnnxBackbone", refuse)
     monkeypatch.setattr(precision, "cpu_has_bf16_units", lambda: False)
+    recommender = load_recommender(tiny_checkpoint, "cpu")
+    prompts = sample_prompts(recommender, 8)
+    reference = score_prompts(recommender.model, prompts)
+    choice = choose_cpu_precision(recommender)
+    assert choice.precision == "float32" and "float32-onnxruntime failed" in choice.reason
+    assert recommender.model.inference_backbone is None
+    assert torch.equal(score_prompts(recommender.model, prompts), reference)
+
+
+def test_readiness_and_the_model_metric_name_the_precision(tiny_checkpoint, monkeypatch):
+    monkeypatch.setattr(precision, "candidate_formats", lambda: ())
     with running_server(server_settings(tiny_checkpoint, dtype="auto")) as server, server.client() as client:
         assert client.get("/readyz").json()["precision"] == "float32"
         assert metric_value(client.get("/metrics").text, "cllm4rec_model_info", precision="float32") == 1
+    monkeypatch.setattr(precision, "candidate_formats", lambda: ONNXRUNTIME_FORMATS)
+    monkeypatch.setattr(precision, "MIN_TOP20_OVERLAP", 0.0)  # kept whenever faster, as it is on this CPU
+    with running_server(server_settings(tiny_checkpoint, dtype="auto")) as server, server.client() as client:
+        ready = client.get("/readyz").json()["precision"]
+        assert ready in ("float32", "float32-onnxruntime")
+        assert metric_value(client.get("/metrics").text, "cllm4rec_model_info", precision=ready) == 1
     with running_server(server_settings(tiny_checkpoint, dtype="bfloat16")) as server, server.client() as client:
         assert client.get("/readyz").json()["precision"] == "bfloat16"
