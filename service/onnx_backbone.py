@@ -13,14 +13,25 @@ as PyTorch float32 does.
 
 from __future__ import annotations
 
-import io
+import ctypes
+import tempfile
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnxruntime
 import torch
 from torch import nn
+
+
+def release_freed_memory() -> None:
+    """Hand the memory the C allocator holds free back to the system (glibc's malloc_trim; elsewhere a
+    no-op): the export frees hundreds of MB that would otherwise stay in the server's resident size."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 @dataclass
@@ -60,13 +71,23 @@ class OnnxBackbone:
         outputs = ["last_hidden_state", "inner_states"] if every_layer else ["last_hidden_state"]
         axes = {"inputs_embeds": {0: "batch", 1: "tokens"}, "attention_mask": {0: "batch", 1: "tokens"},
                 "last_hidden_state": {0: "batch", 1: "tokens"}, "inner_states": {1: "batch", 2: "tokens"}}
-        graph = io.BytesIO()
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # the tracer's notes on Python control flow it freezes
-            torch.onnx.export(ExportedBackbone(backbone, every_layer).eval(), (embeds, mask), graph,
-                              input_names=["inputs_embeds", "attention_mask"], output_names=outputs,
-                              dynamic_axes={name: axes[name] for name in ["inputs_embeds", "attention_mask", *outputs]},
-                              opset_version=17, dynamo=False)
+        with tempfile.TemporaryDirectory() as directory:
+            # Through a file rather than bytes in memory: the session then takes 0.4 GB less at 30 layers.
+            graph = Path(directory) / "backbone.onnx"
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")  # the tracer's notes on Python control flow it freezes
+                torch.onnx.export(ExportedBackbone(backbone, every_layer).eval(), (embeds, mask), str(graph),
+                                  input_names=["inputs_embeds", "attention_mask"], output_names=outputs,
+                                  dynamic_axes={name: axes[name] for name in ["inputs_embeds", "attention_mask",
+                                                                              *outputs]},
+                                  opset_version=17, dynamo=False)
+            release_freed_memory()  # what the export allocated and freed: 0.4 GB more at 30 layers
+            self.session = self.open_session(graph, threads)
+        release_freed_memory()
+        self.every_layer = every_layer
+
+    @staticmethod
+    def open_session(graph: Path, threads: int) -> onnxruntime.InferenceSession:
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -74,8 +95,7 @@ class OnnxBackbone:
         # OMP_WAIT_POLICY=PASSIVE, service/__init__.py).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = onnxruntime.InferenceSession(graph.getvalue(), options, providers=["CPUExecutionProvider"])
-        self.every_layer = every_layer
+        return onnxruntime.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
 
     def __call__(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> BackboneOutput:
         outputs = self.session.run(None, {"inputs_embeds": inputs_embeds.detach().float().numpy(),
