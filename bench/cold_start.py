@@ -16,6 +16,8 @@
    Beside CLLM4Rec: a text-only baseline (each item scored by the summed tf-idf cosine of its text,
    title and description, with the texts of the user's warm items, model/teachers.text_matrix) and
    random scores.
+5. warm_cost: what the added items cost the catalogue's own recommendations: each known user's last warm
+   item held out of a prompt of the others, ranked among all items with the cold items and without.
 Prints one JSON object.
 """
 
@@ -70,6 +72,35 @@ def top_items(scores: np.ndarray, columns: np.ndarray) -> np.ndarray:
     """[U, min(TOP, columns)] the item indices of `scores`' columns, best first."""
     order = np.argsort(-scores, axis=1, kind="stable")[:, :TOP]
     return columns[order]
+
+
+def warm_cost(recommender, by_user: dict[int, list[int]], dataset, cold: set[str], cold_columns: np.ndarray
+              ) -> dict[str, dict[str, float]]:
+    """What the new items cost the catalogue's own recommendations: for every known user with two or more
+    warm items, the last one held out and the others prompting, its rank among all items but the prompt's,
+    with the cold items in the catalogue and with them masked."""
+    item_index = recommender.item_index
+    cases = []
+    for user, items in by_user.items():
+        warm = [item_index[dataset.item_ids[i]] for i in items if dataset.item_ids[i] not in cold]
+        if len(warm) >= 2 and dataset.user_ids[user] in recommender.user_index:
+            cases.append((recommender.user_index[dataset.user_ids[user]], warm[:-1], np.array(warm[-1:])))
+    tops: dict[str, list[np.ndarray]] = {"with_cold_items": [], "without": []}
+    for start in range(0, len(cases), BATCH):
+        batch = cases[start:start + BATCH]
+        prompts = [build_recommend_prompt(recommender.space, user, warm, recommender.max_history)
+                   for user, warm, _ in batch]
+        scores = score_prompts(recommender.model, prompts).numpy()
+        for row, (_, warm, _) in enumerate(batch):
+            scores[row, warm] = -np.inf
+        columns = np.arange(scores.shape[1])
+        tops["with_cold_items"].append(top_items(scores, columns))
+        scores[:, cold_columns] = -np.inf
+        tops["without"].append(top_items(scores, columns))
+    heldout = [target for _, _, target in cases]
+    return {"users": len(cases), **{name: {k: round(v, 4) for k, v in ranking_metrics(np.concatenate(top),
+                                                                                        heldout).items()}
+                                    for name, top in tops.items()}}
 
 
 def main() -> None:
@@ -136,7 +167,8 @@ def main() -> None:
     result = {"dataset": str(args.data), "cold_items": len(cold), "users": len(cases), "train": args.train,
               "placement_seconds": round(placement_seconds, 1),
               "text_term": {"scale": served.text_readout.scale, "shift": served.text_readout.shift}
-              if served.text_readout else None}
+              if served.text_readout else None,
+              "warm_cost": warm_cost(recommender, by_user, dataset, cold, cold_columns)}
     is_cold = np.zeros(len(all_texts), dtype=bool)
     is_cold[cold_columns] = True
     for (name, among), top in tops.items():
