@@ -16,7 +16,7 @@ from model.backbone import load_backbone
 from model.checkpoint import METRICS_FILE, load_recommender, read_checkpoint
 from model.cli import add_train_parser, train_config
 from model.cllm4rec import COLLAB, CLLM4Rec
-from model.config import ConfigError, TrainConfig
+from model.config import TrainConfig
 from model.data import Split, load_dataset, split_dataset
 from model.evaluate import interaction_matrix
 from model.initialise import embedding_frame, factorise, initialise
@@ -341,8 +341,6 @@ def test_head_refit_is_the_least_squares_fit_of_the_targets_logits(data, tiny_ll
     assert features.shape[1] == model.hidden_size * (1 + 4 * readout)
     features = torch.cat([features, torch.ones(len(users), 1, dtype=torch.float64)], 1)
     best = features @ torch.linalg.lstsq(features, target).solution
-    with torch.no_grad():
-        logits = model.prompt_item_logits(ids, mask).double()
     # The optimum up to the solve's small ridge: the readout states of a tiny random model are nearly collinear
     # and outnumber its users (the least-squares fit interpolates them), where the ridge leaves a little.
     optimum = float((best - target).pow(2).mean())

@@ -9,7 +9,7 @@ from model import train as train_module
 from model.checkpoint import METRICS_FILE, load_recommender, read_checkpoint
 from model.evaluate import evaluate_cllm4rec, evaluate_scorer, evaluation_users, most_popular_scorer
 from model.synthetic import write_synthetic_dataset
-from model.config import ConfigError, TrainConfig
+from model.config import ConfigError
 from model.train import train
 from service.cli import main as cli
 from training_helpers import quick_config
