@@ -16,10 +16,14 @@ from model.data import DataError, load_dataset
 from model.evaluate import (EASE_LAMBDA_USERS, EASE_LAMBDAS, ease_scorer, evaluate_cllm4rec, evaluate_scorer,
                             evaluation_users, metric_names, most_popular_scorer, pick_ease_lambda, sample_users)
 from model.config import TrainConfig, resolve_device
+from model.onnx_backbone import ENGINES, use_engine
 from model.recipes import RECIPES, recipe_options
 from model.train import train
 
 # Options whose flag is not simply the field name with dashes, or that need help text.
+INFERENCE_ENGINE_HELP = ("what runs the frozen backbone's passes without gradients (validation, the refit, "
+                         "evaluation): auto (ONNX Runtime on a CPU, for a backbone without adapters; 1.85x "
+                         "faster evaluation there, the same metrics), pytorch, onnxruntime")
 HELP = {
     "backbone": "Hugging Face causal LM name or local directory; default: the bundled SmolLM2-135M-Instruct",
     "backbone_layers": "keep only the first N transformer layers (CPU budgets; fewer layers, lower quality)",
@@ -41,6 +45,7 @@ HELP = {
     "device": "auto (CUDA when available), cpu or cuda[:N]",
     "autocast": "compute the backbone in bfloat16: auto (on CUDA), off (float32), bf16 (also on the CPU: faster "
                 "at full depth on CPUs with AVX-512 BF16 or AMX, about 10x slower on CPUs without them)",
+    "inference_engine": INFERENCE_ENGINE_HELP,
     "resume": "continue the run in --out from its last completed epoch",
     "seed": "seed of the split and of training",
     "init_std": "standard deviation of the random initial token embeddings (paper: 0.02)",
@@ -143,6 +148,7 @@ def add_evaluate_parser(subparsers) -> None:
                         "validation users")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
+    p.add_argument("--inference-engine", choices=ENGINES, default="auto", help=INFERENCE_ENGINE_HELP)
     p.set_defaults(func=run_evaluate)
 
 
@@ -160,6 +166,9 @@ def run_evaluate(args) -> int:
     device = resolve_device(args.device)
     started = time.perf_counter()
     recommender = load_recommender(args.checkpoint, device, torch.float32)
+    note = use_engine(recommender.model, args.inference_engine, recommender.device)
+    if note:
+        print(note, file=sys.stderr)
     results = {"cllm4rec": evaluate_cllm4rec(recommender.model, recommender.space, split, args.split, users,
                                              recommender.max_history, args.batch_size)}
     seconds = time.perf_counter() - started

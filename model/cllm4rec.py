@@ -173,8 +173,8 @@ class CLLM4Rec(nn.Module):
         readout_width = 2 * backbone.config.num_hidden_layers * hidden if head_readout else 0
         self.head_readout = nn.Parameter(torch.zeros(n_items, readout_width), requires_grad=False)  # 0 wide: off
         self.input_gradients = True  # train the soft tokens through the backbone too (the paper); see embed()
-        # Another engine running the same frozen backbone for passes without gradients (serving picks
-        # service/onnx_backbone.py's where it measures faster), or None: PyTorch's.
+        # Another engine running the same frozen backbone for passes without gradients (model/onnx_backbone.py:
+        # serving's where it measures faster, training's and evaluation's on a CPU), or None: PyTorch's.
         self.inference_backbone = None
         self.adapters: dict[str, LowRankAdapter] = {}  # low-rank adapters in the backbone (model.adapters), if any
         self.adapter_rank = self.adapter_layers = 0

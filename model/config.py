@@ -13,6 +13,7 @@ import torch
 from model.adapters import ADAPTER_TARGETS
 from model.backbone import DEFAULT_BACKBONE
 from model.initialise import INITIALISERS
+from model.onnx_backbone import ENGINES
 from model.precision import AUTOCAST_MODES
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -78,6 +79,7 @@ class TrainConfig:
     eval_batch_size: int = 64
     device: str = "auto"
     autocast: str = "auto"  # bf16 compute of the backbone: auto (CUDA), off, bf16 (also on the CPU)
+    inference_engine: str = "auto"  # what runs passes without gradients: auto (ONNX Runtime on a CPU), pytorch, ...
     resume: bool = False
 
     def validate(self) -> None:
@@ -116,6 +118,7 @@ class TrainConfig:
             (self.patience >= 0, "--patience must not be negative (0: no early stopping)"),
             (self.val_users >= 0, "--val-users must not be negative (0: all validation users)"),
             (self.autocast in AUTOCAST_MODES, f"--autocast must be one of {', '.join(AUTOCAST_MODES)}"),
+            (self.inference_engine in ENGINES, f"--inference-engine must be one of {', '.join(ENGINES)}"),
             (self.eval_batch_size >= 1, "--eval-batch-size must be at least 1"),
         ]
         for ok, message in checks:

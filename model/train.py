@@ -50,6 +50,7 @@ from model.head_readout import REFIT_SHARES, estimate_refit_seconds, mix_heads, 
 from model.initialise import initialise
 from model.optimisation import (decay_rows, load_optimizer_tensors, make_optimizers, optimizer_tensors,
                                 scheduled_lr, set_lr)
+from model.onnx_backbone import use_engine
 from model.precision import autocast, autocast_dtype, slow_bf16_note
 from model.prompts import PromptTemplates, TokenSpace, build_content_documents
 from model.teachers import Teacher, fit_teacher
@@ -569,6 +570,9 @@ def _train(config: TrainConfig, device: torch.device, ranks: Ranks) -> dict:
         except ValueError as e:  # a backbone without nn.Linear maps to adapt
             raise ConfigError(str(e)) from e
     space = TokenSpace(tokenizer, model.n_words, dataset.n_users, dataset.n_items, PromptTemplates())
+    note = use_engine(model, config.inference_engine, device)
+    if note:
+        print(note)
     if not config.resume:
         print(initialise(model, config.init, tokenizer, dataset, split, config.init_rank or model.hidden_size,
                          config.seed))

@@ -2,7 +2,7 @@
 
 With CLLM4REC_DTYPE=auto on a CPU the loaded float32 backbone is timed on a one-prompt forward pass as
 PyTorch runs it, then in each other format (candidate_formats): float32 through ONNX Runtime
-(service/onnx_backbone.py) and, where the CPU has bfloat16 units (AVX-512 BF16 or AMX, read from its
+(model/onnx_backbone.py) and, where the CPU has bfloat16 units (AVX-512 BF16 or AMX, read from its
 flags by model/precision.py), the whole backbone in bfloat16 or only its linear maps with float32
 activations between them. The fastest format that is faster than PyTorch's float32 and whose top 20 items
 agree with its top 20 on at least MIN_TOP20_OVERLAP of sample prompts (the checkpoint's own users, prompts
@@ -28,7 +28,7 @@ from model.checkpoint import Recommender
 from model.cllm4rec import CLLM4Rec, score_prompts
 from model.precision import BF16_CPU_FLAGS, cpu_has_bf16_units
 from model.prompts import build_recommend_prompt
-from service.onnx_backbone import OnnxBackbone
+from model.onnx_backbone import OnnxBackbone
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class BackboneFormat:
     """One way of running the backbone, put on and taken off exactly: "bfloat16" converts every parameter
     (buffers such as the rotary frequencies stay float32: the attention casts its rotation to the
     activations' format), "bfloat16-linear" swaps the blocks' linear maps for Bfloat16Linear, and
-    "float32-onnxruntime" runs the float32 backbone through ONNX Runtime (service/onnx_backbone.py)."""
+    "float32-onnxruntime" runs the float32 backbone through ONNX Runtime (model/onnx_backbone.py)."""
 
     def __init__(self, model: CLLM4Rec, name: str):
         self.name = name

@@ -98,6 +98,34 @@ def test_evaluate_json_compares_with_the_baselines(tiny_checkpoint, synthetic_da
     assert result["users"] == 120
 
 
+def test_evaluation_through_onnxruntime_gives_pytorchs_metrics(tiny_checkpoint, synthetic_data, capsys):
+    """The engine of the frozen backbone's passes changes their speed, not the metrics (to float rounding)."""
+    results = {}
+    for engine in ("pytorch", "onnxruntime"):
+        assert cli(["evaluate", "--checkpoint", str(tiny_checkpoint), "--data", str(synthetic_data), "--json",
+                    "--inference-engine", engine]) == 0
+        results[engine] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["cllm4rec"]
+    assert results["onnxruntime"] == pytest.approx(results["pytorch"], abs=1e-3)
+
+
+def test_the_inference_engine_runs_only_a_backbone_that_does_not_train(tiny_llama):
+    """auto: ONNX Runtime on a CPU for a frozen backbone; adapters train it, so they keep PyTorch's."""
+    from model.backbone import load_backbone
+    from model.cllm4rec import CLLM4Rec
+    from model.onnx_backbone import use_engine
+
+    cpu = torch.device("cpu")
+    for adapters, engine, runs in ((0, "auto", True), (4, "auto", False), (0, "pytorch", False)):
+        backbone, _ = load_backbone(str(tiny_llama))
+        model = CLLM4Rec(backbone, 4, 6)
+        if adapters:
+            model.attach_adapters(adapters, 1)
+        note = use_engine(model, engine, cpu)
+        assert (model.inference_backbone is not None) == runs and (note is not None) == runs
+    with pytest.raises(ValueError, match="inference engine must be one of"):
+        use_engine(model, "tensorrt", cpu)
+
+
 def test_evaluate_refuses_other_data(tiny_checkpoint, planted_data, capsys):
     assert cli(["evaluate", "--checkpoint", str(tiny_checkpoint), "--data", str(planted_data)]) == 2
     assert "is not the data" in capsys.readouterr().err

@@ -12,7 +12,7 @@ from model.checkpoint import load_recommender
 from model.cllm4rec import CLLM4Rec, score_prompts
 from model.prompts import PromptTemplates, TokenSpace, build_recommend_prompt
 from service import precision
-from service.onnx_backbone import OnnxBackbone
+from model.onnx_backbone import OnnxBackbone
 from service.precision import (BFLOAT16_FORMATS, MIN_TOP20_OVERLAP, ONNXRUNTIME_FORMATS, choose_cpu_precision,
                                sample_prompts, top20_overlap)
 from serving_helpers import metric_value, running_server, server_settings

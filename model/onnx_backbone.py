@@ -1,14 +1,14 @@
 """The frozen backbone run by ONNX Runtime: the same float32 computation, fewer milliseconds on a CPU.
 
-The backbone never trains, so serving may run it through another engine. At load, the checkpoint's
+The backbone never trains, so its passes without gradients may run through another engine: serving's
+(where service/precision.py measures it faster), and training's validation and refit and `cllm4rec
+evaluate` on a CPU (use_engine). At load, the checkpoint's
 backbone (its kept layers) is exported once to ONNX in memory (torch.onnx.export, dynamic batch and
 prompt length) and run by ONNX Runtime's CPU provider, which fuses the blocks' operations; the soft
 tokens' embedding before it and the item head after it stay PyTorch (CLLM4Rec.embed, item_logits), so
 prompts, tables, live items and the float32 head are exactly the trainer's. On this project's 2-core CPU
 a batch-1 forward of SmolLM2's 30 layers took 27.5 ms against PyTorch's 60.5 ms, 4 layers with every
-layer's states 3.8 ms against 10.0 ms, outputs within 1e-4 relative (docs/benchmarks.md). Whether it
-serves is measured at load like the bfloat16 formats (service/precision.py): it must be faster and rank
-as PyTorch float32 does.
+layer's states 3.8 ms against 10.0 ms, outputs within 1e-4 relative (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -32,6 +32,27 @@ def release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+ENGINES = ("auto", "pytorch", "onnxruntime")
+
+
+def use_engine(model: nn.Module, engine: str, device: torch.device) -> str | None:
+    """Run the model's passes without gradients (validation, the refit, evaluation) through `engine`:
+    "onnxruntime", "pytorch", or "auto": ONNX Runtime on a CPU for a backbone that does not train (no
+    adapters). Returns a line for the log, or None where PyTorch runs them. An export that fails leaves
+    PyTorch's (and says why)."""
+    if engine not in ENGINES:
+        raise ValueError(f"the inference engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+    if engine == "pytorch" or (engine == "auto" and (device.type != "cpu" or model.adapters)):
+        return None
+    if device.type != "cpu":
+        return f"note: passes without gradients stay PyTorch's: ONNX Runtime runs on the CPU here, the model on {device}"
+    try:
+        model.inference_backbone = OnnxBackbone(model.backbone, model.has_head_readout, torch.get_num_threads())
+    except Exception as e:  # a backbone the exporter cannot take
+        return f"note: passes without gradients stay PyTorch's: the ONNX export failed ({e!r})"
+    return "passes without gradients (validation, refit, evaluation) through ONNX Runtime (--inference-engine)"
 
 
 @dataclass
