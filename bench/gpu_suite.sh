@@ -3,6 +3,12 @@
 # CUDA device, the project importable and the amazon-beauty dataset in DATA_DIR/amazon-beauty:
 #
 #   bench/gpu_suite.sh DATA_DIR LOG_DIR [TRAIN_MINUTES]
+#   bench/gpu_suite.sh DATA_DIR LOG_DIR serving     # the serving figures alone, in about 5 minutes
+#
+# `serving`: a one-minute --recipe gpu checkpoint of amazon-beauty (full depth, 12k items; its quality
+# does not matter here), then bench/serve_latency.py --json on it with the server's in-process history
+# store (no Redis on a lent GPU): p50/p99 at concurrency 1 and requests/s at 32, the serving-speed
+# issue's GPU goals (p99 <= 10 ms, >= 2,000 recommendations/s), into LOG_DIR/serve-latency.json.
 #
 # Four training runs on amazon-beauty at once, each with --time-budget TRAIN_MINUTES (a clean stop
 # keeping the best checkpoint; a SIGINT a minute later is the fallback), then `cllm4rec evaluate` of
@@ -33,6 +39,18 @@ declare -A arms=(
 )
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+if [ "$minutes" = serving ]; then
+  started=$SECONDS
+  timeout -s INT -k 30 240 python3 -m service.cli train --data "$data/amazon-beauty" --out "$runs/serving" \
+    --recipe gpu --time-budget 1 >"$logs/train-serving.log" 2>&1
+  echo "=== train (1 minute budget): exit $? after $((SECONDS - started)) s"
+  started=$SECONDS
+  timeout 300 python3 bench/serve_latency.py --checkpoint "$runs/serving" --redis-url '' --concurrency 1 32 \
+    --requests 1024 --ar-users 8 --threads 4 --json >"$logs/serve-latency.json" 2>"$logs/serve-latency.log"
+  echo "=== serve_latency: exit $? after $((SECONDS - started)) s"
+  cat "$logs/serve-latency.json"
+  exit 0
+fi
 python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'
 started=$SECONDS
 # The default backbone's one-time GGUF -> safetensors conversion, before the runs share its cache.

@@ -207,7 +207,8 @@ def percentiles(latencies: list[float]) -> tuple[float, float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, required=True)
-    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0",
+                        help="'' : the server's in-process history store (a machine without Redis, e.g. a lent GPU)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--requests", type=int, default=256, help="requests per concurrency level")
     parser.add_argument("--k", type=int, default=10)
@@ -248,10 +249,12 @@ def main() -> None:
     port = args.port
     rows, breakdown = [], {}
     with tempfile.TemporaryDirectory() as tmp:
+        store_env = {"CLLM4REC_REDIS_URL": args.redis_url, "CLLM4REC_REDIS_KEY_PREFIX": prefix} \
+            if args.redis_url else {}
         server = start_serve(args.checkpoint, port, {
-            "CLLM4REC_REDIS_URL": args.redis_url, "CLLM4REC_REDIS_KEY_PREFIX": prefix,
-            "CLLM4REC_TORCH_THREADS": str(args.threads), "CLLM4REC_MAX_BATCH_SIZE": str(args.max_batch_size),
-            "CLLM4REC_MAX_WAIT_MS": str(args.max_wait_ms), "CLLM4REC_QUEUE_SIZE": "1024"}, Path(tmp) / "server.log")
+            **store_env, "CLLM4REC_TORCH_THREADS": str(args.threads),
+            "CLLM4REC_MAX_BATCH_SIZE": str(args.max_batch_size), "CLLM4REC_MAX_WAIT_MS": str(args.max_wait_ms),
+            "CLLM4REC_QUEUE_SIZE": "1024"}, Path(tmp) / "server.log")
         url = f"http://127.0.0.1:{port}"
         try:
             asyncio.run(load(url, bodies[: min(16, len(bodies))], 1))  # warm the connections and caches
@@ -271,10 +274,11 @@ def main() -> None:
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(60)
-            store = redis.Redis.from_url(args.redis_url)
-            keys = list(store.scan_iter(match=prefix + "*", count=1000))
-            for start in range(0, len(keys), 1000):
-                store.delete(*keys[start : start + 1000])
+            if args.redis_url:
+                store = redis.Redis.from_url(args.redis_url)
+                keys = list(store.scan_iter(match=prefix + "*", count=1000))
+                for start in range(0, len(keys), 1000):
+                    store.delete(*keys[start : start + 1000])
 
     out("\nover HTTP (POST /recommend, history from Redis, micro-batched):")
     out(f"{'concurrency':>11} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'req/s':>8} {'mean batch':>11}")
