@@ -24,6 +24,7 @@ from model.data import load_dataset, split_dataset
 from model.evaluate import evaluate_cllm4rec, evaluation_users, sample_users
 from model.head_readout import refit_head
 from model.initialise import INITIALISERS, initialise
+from model.onnx_backbone import ENGINES, use_engine
 from model.prompts import PromptTemplates, TokenSpace
 from model.teachers import fit_teacher
 
@@ -38,6 +39,8 @@ def main() -> None:
     parser.add_argument("--distill-weight", type=float, default=1.0)
     parser.add_argument("--readout", action="store_true", help="the head also reads the readout states (--head-readout)")
     parser.add_argument("--init", default="text", choices=INITIALISERS, help="where the soft tokens start (--init)")
+    parser.add_argument("--inference-engine", default="pytorch", choices=ENGINES,
+                        help="what runs the refit's and validation's forward passes (--inference-engine)")
     args = parser.parse_args()
     dataset = load_dataset(args.data)
     split = split_dataset(dataset, 0)
@@ -50,11 +53,14 @@ def main() -> None:
         model = CLLM4Rec(backbone, dataset.n_users, dataset.n_items, head_offsets=True, head_readout=args.readout)
         space = TokenSpace(tokenizer, model.n_words, dataset.n_users, dataset.n_items, PromptTemplates())
         initialise(model, args.init, tokenizer, dataset, split, model.hidden_size)
+        use_engine(model, args.inference_engine, torch.device("cpu"))
         started = time.monotonic()
         refit_head(model, space, split, teacher, args.temperature, args.distill_weight, 50, 64)
         seconds = time.monotonic() - started
         metrics = evaluate_cllm4rec(model, space, split, "val", val, 50, 64)
-        print(json.dumps({"layers": layers, "init": args.init, "readout": args.readout, "refit_seconds": round(seconds, 1), "threads": torch.get_num_threads(),
+        print(json.dumps({"layers": layers, "init": args.init, "readout": args.readout,
+                          "refit_seconds": round(seconds, 1), "threads": torch.get_num_threads(),
+                          "inference_engine": args.inference_engine,
                           **{k: round(v, 4) for k, v in metrics.items()}}), flush=True)
 
 

@@ -2,11 +2,11 @@
 
 The backbone never trains, so its passes without gradients may run through another engine: serving's
 (where service/precision.py measures it faster), and training's validation and refit and `cllm4rec
-evaluate` on a CPU (use_engine). At load, the checkpoint's
-backbone (its kept layers) is exported once to ONNX in memory (torch.onnx.export, dynamic batch and
-prompt length) and run by ONNX Runtime's CPU provider, which fuses the blocks' operations; the soft
-tokens' embedding before it and the item head after it stay PyTorch (CLLM4Rec.embed, item_logits), so
-prompts, tables, live items and the float32 head are exactly the trainer's. On this project's 2-core CPU
+evaluate` on a CPU (use_engine). The backbone (its kept layers, with any adapters) is exported once to
+ONNX through a temporary file (torch.onnx.export, dynamic batch and prompt length) and run by ONNX
+Runtime's CPU provider, which fuses the blocks' operations; the soft tokens' embedding before it and the
+item head after it stay PyTorch (CLLM4Rec.embed, item_logits), so prompts, tables, live items and the
+float32 head are exactly the trainer's. On this project's 2-core CPU
 a batch-1 forward of SmolLM2's 30 layers took 27.5 ms against PyTorch's 60.5 ms, 4 layers with every
 layer's states 3.8 ms against 10.0 ms, outputs within 1e-4 relative (docs/benchmarks.md).
 """
@@ -24,35 +24,7 @@ import onnxruntime
 import torch
 from torch import nn
 
-
-def release_freed_memory() -> None:
-    """Hand the memory the C allocator holds free back to the system (glibc's malloc_trim; elsewhere a
-    no-op): the export frees hundreds of MB that would otherwise stay in the server's resident size."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-ENGINES = ("auto", "pytorch", "onnxruntime")
-
-
-def use_engine(model: nn.Module, engine: str, device: torch.device) -> str | None:
-    """Run the model's passes without gradients (validation, the refit, evaluation) through `engine`:
-    "onnxruntime", "pytorch", or "auto": ONNX Runtime on a CPU for a backbone that does not train (no
-    adapters). Returns a line for the log, or None where PyTorch runs them. An export that fails leaves
-    PyTorch's (and says why)."""
-    if engine not in ENGINES:
-        raise ValueError(f"the inference engine must be one of {', '.join(ENGINES)}, not {engine!r}")
-    if engine == "pytorch" or (engine == "auto" and (device.type != "cpu" or model.adapters)):
-        return None
-    if device.type != "cpu":
-        return f"note: passes without gradients stay PyTorch's: ONNX Runtime runs on the CPU here, the model on {device}"
-    try:
-        model.inference_backbone = OnnxBackbone(model.backbone, model.has_head_readout, torch.get_num_threads())
-    except Exception as e:  # a backbone the exporter cannot take
-        return f"note: passes without gradients stay PyTorch's: the ONNX export failed ({e!r})"
-    return "passes without gradients (validation, refit, evaluation) through ONNX Runtime (--inference-engine)"
+ENGINES = ("auto", "pytorch", "onnxruntime")  # what runs passes without gradients (use_engine)
 
 
 @dataclass
@@ -125,3 +97,30 @@ class OnnxBackbone:
         if not self.every_layer:
             return BackboneOutput(last, None)
         return BackboneOutput(last, (inputs_embeds, *torch.from_numpy(outputs[1]).unbind(0), last))
+
+
+def release_freed_memory() -> None:
+    """Hand the memory the C allocator holds free back to the system (glibc's malloc_trim; elsewhere a
+    no-op): the export frees hundreds of MB that would otherwise stay in the server's resident size."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def use_engine(model: nn.Module, engine: str, device: torch.device) -> str | None:
+    """Run the model's passes without gradients (validation, the refit, evaluation) through `engine`:
+    "onnxruntime", "pytorch", or "auto": ONNX Runtime on a CPU for a backbone that does not train (no
+    adapters). Returns a line for the log, or None where PyTorch runs them. An export that fails leaves
+    PyTorch's (and says why)."""
+    if engine not in ENGINES:
+        raise ValueError(f"the inference engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+    if engine == "pytorch" or (engine == "auto" and (device.type != "cpu" or model.adapters)):
+        return None
+    if device.type != "cpu":
+        return f"note: passes without gradients stay PyTorch's: ONNX Runtime runs on the CPU, the model on {device}"
+    try:
+        model.inference_backbone = OnnxBackbone(model.backbone, model.has_head_readout, torch.get_num_threads())
+    except Exception as e:  # a backbone the exporter cannot take
+        return f"note: passes without gradients stay PyTorch's: the ONNX export failed ({e!r})"
+    return "passes without gradients (validation, refit, evaluation) through ONNX Runtime (--inference-engine)"
