@@ -332,7 +332,8 @@ def main() -> None:
     floor, prompt_flops = floor_ms(recommender, mean_tokens, peak_matmul_flops(device, compute_dtype),
                                    peak_matmul_flops(device, torch.float32), read_bandwidth(device))
     result = {
-        "device": str(device), "precision": served.precision.precision, "threads": args.threads,
+        "device": str(device), "precision": served.precision.precision, "precision_reason": served.precision.reason,
+        "threads": args.threads,
         "backbone_layers": meta["backbone"]["layers"], "n_items": meta["n_items"], "k": args.k,
         "mean_prompt_tokens": round(mean_tokens, 1), "prompt_flops": prompt_flops, "floor_ms": round(floor, 3),
         "forward_p50_ms": round(bare[1][0], 3),
