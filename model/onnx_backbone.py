@@ -85,7 +85,8 @@ class OnnxBackbone:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         # No spinning between passes: the event loop and Redis client share the same cores (as torch's
-        # OMP_WAIT_POLICY=PASSIVE, service/__init__.py).
+        # OMP_WAIT_POLICY=PASSIVE, service/__init__.py). Spinning measured 10% faster at 30 layers on an
+        # otherwise idle machine, at the cost of a busy core (docs/benchmarks.md).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
         return onnxruntime.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
