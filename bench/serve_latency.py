@@ -95,6 +95,16 @@ def read_bandwidth(device: torch.device, megabytes: int = 256, repeats: int = 5)
     return matrix.numel() * 4 / best
 
 
+def matmul_dtype(recommender: Recommender) -> torch.dtype:
+    """The number format of the blocks' matrix products: that of most of their weights (bfloat16-linear
+    keeps the norms, and the embeddings, float32), bfloat16 for float32 weights under CUDA's autocast."""
+    numel: dict[torch.dtype, int] = {}
+    for p in recommender.model.backbone.base_model.layers.parameters():
+        numel[p.dtype] = numel.get(p.dtype, 0) + p.numel()
+    dtype = max(numel, key=numel.get)
+    return torch.bfloat16 if recommender.device.type == "cuda" and dtype == torch.float32 else dtype
+
+
 def floor_ms(recommender: Recommender, prompt_tokens: float, backbone_flops_per_s: float, head_flops_per_s: float,
              bytes_per_s: float) -> tuple:
     """(floor in ms, FLOPs of one prompt): the backbone layers' matrix work per token at the backbone's
@@ -326,8 +336,7 @@ def main() -> None:
     out(f"load average at the end: {os.getloadavg()[0]:.2f}")
 
     device = recommender.model.collab_items.weight.device
-    backbone_dtype = next(recommender.model.backbone.parameters()).dtype
-    compute_dtype = torch.bfloat16 if device.type == "cuda" and backbone_dtype == torch.float32 else backbone_dtype
+    compute_dtype = matmul_dtype(recommender)
     mean_tokens = float(np.mean([len(p) for p in prompts]))
     floor, prompt_flops = floor_ms(recommender, mean_tokens, peak_matmul_flops(device, compute_dtype),
                                    peak_matmul_flops(device, torch.float32), read_bandwidth(device))
