@@ -124,7 +124,7 @@ def main() -> None:
 
     described = item_descriptions(args.data)  # what a shop would POST: title and description
     served = ServedModel.load(checkpoint, Settings(checkpoint=checkpoint, device="cpu"))
-    texts = dict(zip(dataset.item_ids, zip(dataset.item_titles, dataset.item_texts)))
+    texts = dict(zip(dataset.item_ids, dataset.item_texts))  # title and description, as the teacher reads them
     started = time.perf_counter()
     served.add_live_items([LiveItem(item_id, *described.get(item_id, ("", None))) for item_id in sorted(cold)])
     placement_seconds = time.perf_counter() - started
@@ -145,7 +145,7 @@ def main() -> None:
             cases.append((recommender.user_index[user_id], warm, np.array(targets)))
 
     # Text only: tf-idf rows of every item's text (warm and cold), in the served model's item order.
-    all_texts = [texts[item_id][1] for item_id in recommender.checkpoint.item_ids]
+    all_texts = [texts[item_id] for item_id in recommender.checkpoint.item_ids]
     tfidf = text_matrix(all_texts)
     noise = np.random.default_rng([args.seed, 1])
     tops: dict[tuple[str, str], list[np.ndarray]] = {}

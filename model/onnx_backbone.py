@@ -79,6 +79,11 @@ class OnnxBackbone:
         release_freed_memory()
         self.every_layer = every_layer
 
+    @classmethod
+    def of(cls, model: nn.Module) -> OnnxBackbone:
+        """For a CLLM4Rec: every layer's states where its head reads them, torch's thread count."""
+        return cls(model.backbone, model.has_head_readout, torch.get_num_threads())
+
     @staticmethod
     def open_session(graph: Path, threads: int) -> onnxruntime.InferenceSession:
         options = onnxruntime.SessionOptions()
@@ -121,7 +126,7 @@ def use_engine(model: nn.Module, engine: str, device: torch.device) -> str | Non
     if device.type != "cpu":
         return f"note: passes without gradients stay PyTorch's: ONNX Runtime runs on the CPU, the model on {device}"
     try:
-        model.inference_backbone = OnnxBackbone(model.backbone, model.has_head_readout, torch.get_num_threads())
+        model.inference_backbone = OnnxBackbone.of(model)
     except Exception as e:  # a backbone the exporter cannot take
         return f"note: passes without gradients stay PyTorch's: the ONNX export failed ({e!r})"
     return "passes without gradients (validation, refit, evaluation) through ONNX Runtime (--inference-engine)"

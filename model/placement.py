@@ -16,9 +16,9 @@ items' texts, model.teachers.text_matrix as the teacher reads them) m_u . R_j is
 j's text to the prompt's items: the score of a text-only recommender, through CLLM4Rec's own forward pass
 and head. Ranked among new items it is 6-8x the neighbour mean, which scores like its neighbours'
 average. How it competes with the catalogue is fitted once per loaded model (fit_new_items): its scale
-and a shift of the bias, by maximum likelihood of training users' last items when a random tenth of the
-catalogue is scored as new items are, so new items get about the share of the users' choices that items
-of their text similarity get.
+and a shift of the bias, by maximum likelihood of users' validation items from their served prompts when a
+random tenth of the catalogue is scored as new items are, so new items get about the share of the users'
+choices that items of their text similarity get.
 """
 
 from __future__ import annotations
@@ -129,10 +129,10 @@ class TextReadout:
         users = sorted(np.random.default_rng(seed).choice(users, min(CALIBRATION_USERS, len(users)),
                                                           replace=False).tolist())
         scores, terms, averages = [], [], []
+        device = model.collab_items.weight.device
         for start in range(0, len(users), CALIBRATION_BATCH):
             batch = users[start : start + CALIBRATION_BATCH]
             ids, mask = pad([build_recommend_prompt(space, u, split.train[u].tolist(), max_history) for u in batch])
-            device = model.collab_items.weight.device
             with inference_autocast(model):
                 last, readout_states = model.prompt_states(ids.to(device), mask.to(device))
                 batch_scores = model.item_logits(last, readout_states)[:, :n].double().cpu()

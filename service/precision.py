@@ -91,7 +91,7 @@ class BackboneFormat:
                 setattr(parent, child_name, Bfloat16Linear(child))
         else:
             if self.runner is None:
-                self.runner = OnnxBackbone(self.model.backbone, self.model.has_head_readout, torch.get_num_threads())
+                self.runner = OnnxBackbone.of(self.model)
             self.model.inference_backbone = self.runner
 
     def take_off(self) -> None:
