@@ -29,6 +29,10 @@ api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False,
                               description="`X-API-Key: KEY` (CLLM4REC_API_KEY or the scope's key)")
 
 
+# The dependencies are coroutines although none of them awaits: FastAPI runs a plain function in its
+# thread pool, two thread hops a request (py-spy on the 4-layer server, docs/benchmarks.md).
+
+
 class Unauthorized(Exception):
     """The API key is missing or wrong (401 with WWW-Authenticate: Bearer)."""
 
@@ -37,7 +41,7 @@ class Forbidden(Exception):
     """An admin call from another host while no API key is set (403)."""
 
 
-def get_engine(request: Request) -> Engine:
+async def get_engine(request: Request) -> Engine:
     return request.app.state.engine
 
 
@@ -65,15 +69,15 @@ BearerCredentials = Annotated[HTTPAuthorizationCredentials | None, Depends(beare
 HeaderKey = Annotated[str | None, Depends(api_key_header)]
 
 
-def require_read_key(request: Request, credentials: BearerCredentials, header_key: HeaderKey) -> None:
+async def require_read_key(request: Request, credentials: BearerCredentials, header_key: HeaderKey) -> None:
     check_key(request, credentials, header_key, "read")
 
 
-def require_write_key(request: Request, credentials: BearerCredentials, header_key: HeaderKey) -> None:
+async def require_write_key(request: Request, credentials: BearerCredentials, header_key: HeaderKey) -> None:
     check_key(request, credentials, header_key, "write")
 
 
-def require_admin_key_or_loopback(request: Request, credentials: BearerCredentials, header_key: HeaderKey) -> None:
+async def require_admin_key_or_loopback(request: Request, credentials: BearerCredentials, header_key: HeaderKey) -> None:
     check_key(request, credentials, header_key, "admin")
     client = request.client.host if request.client else None
     if not request.app.state.settings.scope_keys("admin") and not is_loopback(client):

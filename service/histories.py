@@ -121,9 +121,11 @@ class RedisHistoryStore:
     async def call(self, operation: str, call: Callable[[], Awaitable[T]], timeout_s: float | None = None) -> T:
         started = time.perf_counter()
         try:
-            # The socket timeouts bound each read and connect; this bounds the whole call.
-            return await asyncio.wait_for(call(), timeout_s or self.timeout_s)
-        except (redis.RedisError, OSError, asyncio.TimeoutError) as e:
+            # The socket timeouts bound each read and connect; this bounds the whole call (a timeout
+            # scope, not wait_for: that wraps the call in a task of its own, a loop turn each time).
+            async with asyncio.timeout(timeout_s or self.timeout_s):
+                return await call()
+        except (TimeoutError, redis.RedisError, OSError) as e:
             raise HistoryStoreUnavailable(f"history store (Redis) {operation} failed: "
                                           f"{str(e) or type(e).__name__}") from e
         finally:
