@@ -3,12 +3,16 @@
 # CUDA device, the project importable and the amazon-beauty dataset in DATA_DIR/amazon-beauty:
 #
 #   bench/gpu_suite.sh DATA_DIR LOG_DIR [TRAIN_MINUTES]
-#   bench/gpu_suite.sh DATA_DIR LOG_DIR serving     # the serving figures alone, in about 5 minutes
+#   bench/gpu_suite.sh DATA_DIR LOG_DIR serving     # the serving figures alone, in about 7 minutes
 #
 # `serving`: a one-minute --recipe gpu checkpoint of amazon-beauty (full depth, 12k items; its quality
 # does not matter here), then bench/serve_latency.py --json on it with the server's in-process history
-# store (no Redis on a lent GPU): p50/p99 at concurrency 1 and requests/s at 32, the serving-speed
-# issue's GPU goals (p99 <= 10 ms, >= 2,000 recommendations/s), into LOG_DIR/serve-latency.json.
+# store (no Redis on a lent GPU), twice: PyTorch's eager passes (--dtype float32, the baseline) into
+# LOG_DIR/serve-latency-eager.json, then the format chosen at load (CUDA graphs where they are faster
+# and rank alike; precision_reason has both batch-1 times) into LOG_DIR/serve-latency-chosen.json: p50/p99 at
+# concurrency 1, requests/s at 32 and recommendations/s through POST /recommend/batch, the
+# serving-speed issue's GPU goals (p99 <= 10 ms, >= 2,000 recommendations/s). Then the CUDA tests of
+# the graphs and the server.
 #
 # Four training runs on amazon-beauty at once, each with --time-budget TRAIN_MINUTES (a clean stop
 # keeping the best checkpoint; a SIGINT a minute later is the fallback), then `cllm4rec evaluate` of
@@ -44,11 +48,20 @@ if [ "$minutes" = serving ]; then
   timeout -s INT -k 30 240 python3 -m service.cli train --data "$data/amazon-beauty" --out "$runs/serving" \
     --recipe gpu --time-budget 1 >"$logs/train-serving.log" 2>&1
   echo "=== train (1 minute budget): exit $? after $((SECONDS - started)) s"
+  for run in eager:float32 chosen:auto; do
+    started=$SECONDS
+    arm=${run%%:*}
+    timeout 240 python3 bench/serve_latency.py --checkpoint "$runs/serving" --redis-url '' --concurrency 1 32 \
+      --requests 1024 --ar-users 8 --threads 4 --dtype "${run#*:}" --json \
+      >"$logs/serve-latency-$arm.json" 2>"$logs/serve-latency-$arm.log"
+    echo "=== serve_latency $arm: exit $? after $((SECONDS - started)) s"
+    cat "$logs/serve-latency-$arm.json"
+  done
   started=$SECONDS
-  timeout 300 python3 bench/serve_latency.py --checkpoint "$runs/serving" --redis-url '' --concurrency 1 32 \
-    --requests 1024 --ar-users 8 --threads 4 --json >"$logs/serve-latency.json" 2>"$logs/serve-latency.log"
-  echo "=== serve_latency: exit $? after $((SECONDS - started)) s"
-  cat "$logs/serve-latency.json"
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/model/test_cuda_graphs.py tests/service/test_serve_cuda.py \
+    >"$logs/cuda-tests.log" 2>&1
+  echo "=== CUDA tests: exit $? after $((SECONDS - started)) s"
+  tail -n 15 "$logs/cuda-tests.log"
   exit 0
 fi
 python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'
@@ -74,7 +87,8 @@ for arm in "${!arms[@]}"; do
 done
 
 started=$SECONDS
-timeout 200 python3 -m pytest -q -p no:cacheprovider tests/model/test_train_cuda.py tests/service/test_serve_cuda.py \
+timeout 200 python3 -m pytest -q -p no:cacheprovider tests/model/test_train_cuda.py tests/model/test_cuda_graphs.py \
+  tests/service/test_serve_cuda.py \
   >"$logs/cuda-tests.log" 2>&1 &
 for arm in "${!arms[@]}"; do
   timeout 180 python3 -m service.cli evaluate --checkpoint "$runs/$arm" --data "$data/amazon-beauty" --json \

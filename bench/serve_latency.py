@@ -6,11 +6,14 @@
 1. Starts `cllm4rec serve` on the checkpoint (a separate process, Redis history store under a key
    prefix of its own, seeded from the checkpoint and deleted at the end).
 2. For each concurrency (1, 8, 32): --requests POST /recommend calls for known users, that many
-   in flight at once; p50/p95/p99 latency, requests/s, and the server's mean batch size.
+   in flight at once (one keep-alive connection each, a minimal client); p50/p95/p99 latency,
+   requests/s, and the server's mean batch size. Then the batched phase: POST /recommend/batch with
+   --batch-users users a request, --batch-concurrency in flight, recommendations/s.
 3. In this process, with the model loaded as the server loads it (same device and precision) and
    the same prompts (the users' stored histories): the server's scoring alone (ServedModel.score:
-   the forward pass, masking and top-k) at batch sizes 1, 8 and 32, so the HTTP + Redis + batching
-   overhead shows as a ratio.
+   the forward pass, masking and top-k) at batch sizes 1, 8 and 32. At batch 1 it is also timed
+   beside the concurrency-1 requests, a block of 16 of each in turn: overhead_ratio (HTTP + Redis +
+   batching) divides the two p50s measured side by side.
 4. An autoregressive baseline with the same model: the same K items generated one at a time
    (greedy, KV cache, the item head at every step, seen and generated items masked), the way an LLM
    recommender that decodes item tokens would; its latency as a ratio to the one-pass forward (in
@@ -148,24 +151,72 @@ def server_sums(url: str) -> dict[str, float]:
     return sums
 
 
-async def load(url: str, bodies: list[dict], concurrency: int) -> tuple[list[float], float]:
+class Connection:
+    """One keep-alive HTTP/1.1 connection for the load: a socket write and a read per request. The load
+    generator shares the server's CPUs, so its own cost lands in every latency it measures; httpx's
+    was about 1.7 ms of a 4-layer request's 9-11 ms at concurrency 1, this one's about 0.15 ms
+    (docs/benchmarks.md, "Overhead at 4 layers")."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str):
+        self.reader, self.writer, self.host = reader, writer, host.encode()
+
+    @classmethod
+    async def open(cls, url: str) -> Connection:
+        host, port = url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        return cls(reader, writer, host)
+
+    async def post_json(self, path: str, body: dict) -> tuple[int, bytes]:
+        """(status, body) of a POST with a JSON body; the server answers with a Content-Length."""
+        payload = json.dumps(body).encode()
+        self.writer.write(b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: %d\r\n\r\n%s" % (path.encode(), self.host, len(payload), payload))
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:"))
+        return status, await self.reader.readexactly(length)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def load(url: str, bodies: list[dict], concurrency: int, path: str = "/recommend") -> tuple[list[float], float]:
     """Latencies (s) of every request, and the wall time, with `concurrency` requests in flight."""
     todo = iter(bodies)
     latencies: list[float] = []
 
-    async def worker(client: httpx.AsyncClient):
+    async def worker(connection: Connection):
         for body in todo:
             started = time.perf_counter()
-            response = await client.post("/recommend", json=body)
+            status, answer = await connection.post_json(path, body)
             latencies.append(time.perf_counter() - started)
-            if response.status_code != 200:
-                raise RuntimeError(f"{response.status_code}: {response.text}")
+            if status != 200:
+                raise RuntimeError(f"{status}: {answer.decode()}")
 
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+    connections = [await Connection.open(url) for _ in range(concurrency)]
+    try:
         started = time.perf_counter()
-        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        await asyncio.gather(*(worker(connection) for connection in connections))
         return latencies, time.perf_counter() - started
+    finally:
+        for connection in connections:
+            connection.close()
+
+
+async def load_beside_bare(url: str, bodies: list[dict], served: ServedModel, jobs: list[ScoreJob],
+                           block: int = 16) -> tuple[list[float], float, list[float]]:
+    """Concurrency 1 in blocks of `block` requests, each block followed by the bare scoring of the same
+    prompts in this process: (HTTP latencies, wall time, bare latencies). The overhead ratio compares the
+    two measured side by side: this VM's speed drifts by up to a fifth within a minute, more than the
+    overhead it measures at 4 layers."""
+    latencies, wall, bare = [], 0.0, []
+    for start in range(0, len(bodies), block):
+        block_latencies, block_wall = await load(url, bodies[start : start + block], 1)
+        latencies += block_latencies
+        wall += block_wall
+        bare += bare_forward(served, jobs[start : start + block], 1)[0]
+    return latencies, wall, bare
 
 
 # --- the model alone -----------------------------------------------------------------------------
@@ -222,11 +273,16 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--requests", type=int, default=256, help="requests per concurrency level")
     parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--batch-users", type=int, default=32,
+                        help="users per POST /recommend/batch in the batched phase (0: no batched phase)")
+    parser.add_argument("--batch-concurrency", type=int, default=4, help="batch requests in flight at once")
     parser.add_argument("--ar-users", type=int, default=32, help="users for the autoregressive baseline")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (server and bare model)")
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=2.0)
     parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--dtype", default="auto", help="CLLM4REC_DTYPE of the server and of this process's model "
+                        "(float32: PyTorch's passes as they are, no format chosen)")
     parser.add_argument("--quick", action="store_true", help="a few requests at concurrency 1 and 8: checks it runs")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
     args = parser.parse_args()
@@ -235,9 +291,10 @@ def main() -> None:
         args.concurrency, args.requests, args.ar_users = [1, 8], 16, 4
     torch.set_num_threads(args.threads)
 
-    # The model as the server loads it (CLLM4REC_DEVICE and CLLM4REC_DTYPE at their defaults): the
-    # same device and precision, so the in-process figures compare with the HTTP ones.
-    served = ServedModel.load(args.checkpoint, Settings(checkpoint=args.checkpoint, device="auto", dtype="auto"))
+    # The model as the server loads it (CLLM4REC_DEVICE at its default, CLLM4REC_DTYPE --dtype): the same
+    # device and format, so the in-process figures compare with the HTTP ones.
+    served = ServedModel.load(args.checkpoint, Settings(checkpoint=args.checkpoint, device="auto", dtype=args.dtype,
+                                                        max_batch_size=args.max_batch_size))
     recommender = served.recommender
     meta = recommender.checkpoint.meta
     split = recommender.checkpoint.split
@@ -257,20 +314,24 @@ def main() -> None:
 
     prefix = f"bench-{uuid.uuid4().hex[:8]}:"
     port = args.port
-    rows, breakdown = [], {}
+    rows, breakdown, bare_beside, batched = [], {}, [], None
     with tempfile.TemporaryDirectory() as tmp:
         store_env = {"CLLM4REC_REDIS_URL": args.redis_url, "CLLM4REC_REDIS_KEY_PREFIX": prefix} \
             if args.redis_url else {}
         server = start_serve(args.checkpoint, port, {
-            **store_env, "CLLM4REC_TORCH_THREADS": str(args.threads),
+            **store_env, "CLLM4REC_TORCH_THREADS": str(args.threads), "CLLM4REC_DTYPE": args.dtype,
             "CLLM4REC_MAX_BATCH_SIZE": str(args.max_batch_size), "CLLM4REC_MAX_WAIT_MS": str(args.max_wait_ms),
             "CLLM4REC_QUEUE_SIZE": "1024"}, Path(tmp) / "server.log")
         url = f"http://127.0.0.1:{port}"
         try:
             asyncio.run(load(url, bodies[: min(16, len(bodies))], 1))  # warm the connections and caches
+            bare_forward(served, jobs[:4], 1)  # warm-up
             for concurrency in args.concurrency:
                 before = server_sums(url)
-                latencies, wall = asyncio.run(load(url, bodies, concurrency))
+                if concurrency == 1:
+                    latencies, wall, bare_beside = asyncio.run(load_beside_bare(url, bodies, served, jobs))
+                else:
+                    latencies, wall = asyncio.run(load(url, bodies, concurrency))
                 after = server_sums(url)
                 batches = max(after["batch_count"] - before["batch_count"], 1)
                 mean_batch = (after["batch_sum"] - before["batch_sum"]) / batches
@@ -281,6 +342,14 @@ def main() -> None:
                     breakdown["in_server_outside_model_ms"] = breakdown["server_ms"] - breakdown["forward_ms"] \
                         - breakdown["queue_wait_ms"] - breakdown["redis_ms"]
                     breakdown["client_and_transport_ms"] = breakdown["client_ms"] - breakdown["server_ms"]
+            if args.batch_users:  # 4 x --requests recommendations, --batch-users to a request
+                users = [bodies[i % len(bodies)] for i in range(4 * args.requests)]
+                batch_bodies = [{"requests": users[start : start + args.batch_users]}
+                                for start in range(0, len(users), args.batch_users)]
+                latencies, wall = asyncio.run(load(url, batch_bodies, args.batch_concurrency, "/recommend/batch"))
+                batched = {"users_per_request": args.batch_users, "concurrency": args.batch_concurrency,
+                           "p50_ms": round(percentiles(latencies)[0], 2),
+                           "recommendations_per_s": round(len(users) / wall, 1)}
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(60)
@@ -294,6 +363,9 @@ def main() -> None:
     out(f"{'concurrency':>11} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'req/s':>8} {'mean batch':>11}")
     for concurrency, p50, p95, p99, rps, mean_batch in rows:
         out(f"{concurrency:>11} {p50:>8.1f} {p95:>8.1f} {p99:>8.1f} {rps:>8.1f} {mean_batch:>11.1f}")
+    if batched:
+        out(f"POST /recommend/batch, {batched['users_per_request']} users a request, {batched['concurrency']} in "
+            f"flight: p50 {batched['p50_ms']:.1f} ms, {batched['recommendations_per_s']:.1f} recommendations/s")
 
     out("\nbare forward in this process (the same prompts; the server's scoring: forward pass, mask, top-k):")
     out(f"{'batch':>11} {'p50 ms':>8} {'prompts/s':>10}")
@@ -313,6 +385,7 @@ def main() -> None:
         ar_latencies.append(time.perf_counter() - started)
         agree += items[0] == served.score([job])[0][0][0]
     ar_p50 = percentiles(ar_latencies)[0]
+    bare_beside_p50 = percentiles(bare_beside)[0] if 1 in args.concurrency else None
     # Decoding runs in PyTorch: where another engine serves the one pass, the ratio compares it with
     # PyTorch's one pass of the same prompts, so that it measures decoding, not the engines.
     one_pass_p50 = bare[1][0]
@@ -327,8 +400,8 @@ def main() -> None:
     out("\nratios:")
     http = {row[0]: row for row in rows}
     if 1 in http:
-        out(f"  HTTP p50 at concurrency 1 / bare forward p50 at batch 1: {http[1][1] / bare[1][0]:.2f}x "
-              f"({http[1][1]:.1f} ms vs {bare[1][0]:.1f} ms)")
+        out(f"  HTTP p50 at concurrency 1 / bare forward p50 at batch 1, measured side by side: "
+            f"{http[1][1] / bare_beside_p50:.2f}x ({http[1][1]:.1f} ms vs {bare_beside_p50:.1f} ms)")
     for concurrency in (c for c in args.concurrency if c > 1):
         out(f"  bare forward prompts/s at batch {concurrency} / HTTP req/s at concurrency {concurrency}: "
               f"{bare[concurrency][1] / http[concurrency][4]:.2f}x")
@@ -349,7 +422,9 @@ def main() -> None:
         "http": {str(c): {"p50_ms": round(p50, 2), "p95_ms": round(p95, 2), "p99_ms": round(p99, 2),
                           "rps": round(rps, 1), "mean_batch": round(mean_batch, 1)}
                  for c, p50, p95, p99, rps, mean_batch in rows},
-        "overhead_ratio": round(http[1][1] / bare[1][0], 3) if 1 in http else None,
+        "forward_beside_c1_p50_ms": round(bare_beside_p50, 3) if 1 in http else None,
+        "overhead_ratio": round(http[1][1] / bare_beside_p50, 3) if 1 in http else None,
+        "batch_endpoint": batched,
         "floor_ratio": round(http[1][1] / floor, 2) if 1 in http else None,
         "forward_floor_ratio": round(bare[1][0] / floor, 2),
         "autoregressive_ratio": round(ar_p50 / one_pass_p50, 2),  # both PyTorch (see above)

@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -137,3 +138,35 @@ def load_backbone(name: str, n_layers: int | None = None, device: str | torch.de
     model.eval()
     return model.to(device=device, dtype=dtype), tokenizer
 
+
+@dataclass
+class BackboneOutput:
+    """What CLLM4Rec.prompt_states reads of a backbone pass, as Hugging Face's output names it."""
+
+    last_hidden_state: torch.Tensor  # [B, T, H]
+    hidden_states: tuple[torch.Tensor, ...] | None  # the embeddings, every inner block's output, the last state
+
+    @classmethod
+    def of(cls, inputs_embeds: torch.Tensor, last_hidden_state: torch.Tensor,
+           inner_states: torch.Tensor | None = None) -> BackboneOutput:
+        """From what ExportedBackbone returns (inner_states: every inner block's output, stacked)."""
+        if inner_states is None:
+            return cls(last_hidden_state, None)
+        return cls(last_hidden_state, (inputs_embeds, *inner_states.unbind(0), last_hidden_state))
+
+
+class ExportedBackbone(nn.Module):
+    """The backbone as another engine runs it (ONNX Runtime's export, CUDA graphs): embeddings and mask
+    in, the last hidden state out (and, with every_layer, each inner block's output, stacked)."""
+
+    def __init__(self, backbone: nn.Module, every_layer: bool):
+        super().__init__()
+        self.base_model = backbone.base_model
+        self.every_layer = every_layer
+
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor):
+        out = self.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False,
+                              output_hidden_states=self.every_layer)
+        if not self.every_layer:
+            return out.last_hidden_state
+        return out.last_hidden_state, torch.stack(out.hidden_states[1:-1])

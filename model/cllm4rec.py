@@ -354,12 +354,13 @@ class CLLM4Rec(nn.Module):
         return self.item_logits(*self.prompt_states(input_ids, attention_mask))
 
 
-def inference_autocast(model: CLLM4Rec):
+def inference_autocast(model: CLLM4Rec, cache_enabled: bool = True):
     """float32 weights on CUDA compute in bfloat16: the computation training and its validation run, so
     served scores are the ones validation measured (on an H200 it scored about 45k tokens/s at batch
-    64, docs/benchmarks.md). On the CPU it is off."""
+    64, docs/benchmarks.md). On the CPU it is off. cache_enabled=False: every pass casts the weights
+    anew (a CUDA graph's capture, model/cuda_graphs.py)."""
     weight = model.collab_items.weight
-    return torch.autocast("cuda", dtype=torch.bfloat16,
+    return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache_enabled,
                           enabled=weight.device.type == "cuda" and weight.dtype == torch.float32)
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import ctypes
 import tempfile
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,32 +23,9 @@ import onnxruntime
 import torch
 from torch import nn
 
+from model.backbone import BackboneOutput, ExportedBackbone
+
 ENGINES = ("auto", "pytorch", "onnxruntime")  # what runs passes without gradients (use_engine)
-
-
-@dataclass
-class BackboneOutput:
-    """What CLLM4Rec.prompt_states reads of a backbone pass, as Hugging Face's output names it."""
-
-    last_hidden_state: torch.Tensor  # [B, T, H]
-    hidden_states: tuple[torch.Tensor, ...] | None  # the embeddings, every inner block's output, the last state
-
-
-class ExportedBackbone(nn.Module):
-    """The backbone as the export sees it: embeddings and mask in, the last hidden state out (and, with
-    every_layer, each inner block's output, stacked)."""
-
-    def __init__(self, backbone: nn.Module, every_layer: bool):
-        super().__init__()
-        self.base_model = backbone.base_model
-        self.every_layer = every_layer
-
-    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor):
-        out = self.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False,
-                              output_hidden_states=self.every_layer)
-        if not self.every_layer:
-            return out.last_hidden_state
-        return out.last_hidden_state, torch.stack(out.hidden_states[1:-1])
 
 
 class OnnxBackbone:
@@ -99,10 +75,7 @@ class OnnxBackbone:
     def __call__(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> BackboneOutput:
         outputs = self.session.run(None, {"inputs_embeds": inputs_embeds.detach().float().numpy(),
                                           "attention_mask": attention_mask.numpy().astype(np.int64)})
-        last = torch.from_numpy(outputs[0])
-        if not self.every_layer:
-            return BackboneOutput(last, None)
-        return BackboneOutput(last, (inputs_embeds, *torch.from_numpy(outputs[1]).unbind(0), last))
+        return BackboneOutput.of(inputs_embeds, *(torch.from_numpy(output) for output in outputs))
 
 
 def release_freed_memory() -> None:

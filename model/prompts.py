@@ -183,3 +183,10 @@ def build_recommend_prompt(space: TokenSpace, user: int | None, history: Sequenc
     if user is None:
         return space.render(space.templates.anonymous_recommend, history=history)
     return space.render(space.templates.recommend, user=user, history=history)
+
+
+def longest_recommend_prompt(space: TokenSpace, max_history: int) -> int:
+    """Tokens of the longest prompt build_recommend_prompt makes: a known or an anonymous user's with
+    max_history items (each item one token)."""
+    history = [0] * max_history
+    return max(len(build_recommend_prompt(space, user, history, max_history)) for user in (0, None))

@@ -26,9 +26,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-import threading
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -38,15 +38,15 @@ import torch
 from model.backbone import BackboneError
 from model.checkpoint import CheckpointError, Recommender, load_recommender
 from model.cllm4rec import score_prompts
-from model.prompts import build_recommend_prompt
 from model.config import ConfigError
 from model.initialise import text_vector
 from model.placement import TextReadout, head_rows, text_similarities
+from model.prompts import build_recommend_prompt
 from service import metrics
 from service.batcher import Batcher
 from service.catalogue import Catalogue, CatalogueState, LiveItem
 from service.histories import HistoryStore, seed_from_checkpoint
-from service.precision import PrecisionChoice, choose_cpu_precision
+from service.precision import PrecisionChoice, choose_backbone_format
 from service.schemas import (ErasureResponse, HistoryResponse, InteractionsResponse, ItemResponse,
                              RecommendQuery, ReloadResponse)
 from service.settings import Settings
@@ -106,11 +106,10 @@ class ServedModel:
     def load(cls, checkpoint: Path, settings: Settings) -> ServedModel:
         """Raises CheckpointError, BackboneError or ConfigError saying what is wrong."""
         recommender = load_recommender(checkpoint, model_device(settings.device), MODEL_DTYPES[settings.dtype])
-        if settings.dtype == "auto" and recommender.device.type == "cpu":
-            torch.set_num_threads(settings.resolved_torch_threads())  # timed as it will serve
-            precision = choose_cpu_precision(recommender)
-        elif settings.dtype == "auto":
-            precision = PrecisionChoice("float32", "float32 weights computing in bfloat16 on CUDA (autocast)")
+        if settings.dtype == "auto":
+            if recommender.device.type == "cpu":
+                torch.set_num_threads(settings.resolved_torch_threads())  # timed as it will serve
+            precision = choose_backbone_format(recommender, settings.max_batch_size)
         else:
             precision = PrecisionChoice(settings.dtype, f"CLLM4REC_DTYPE={settings.dtype}")
         popularity = torch.as_tensor(recommender.popularity, dtype=torch.float32)
@@ -345,8 +344,9 @@ class Engine:
     async def recommend(self, requests: Sequence[RecommendQuery]) -> list[bytes]:
         """Each request's RecommendResponse, as JSON."""
         try:
-            return await asyncio.wait_for(self._recommend(requests), self.settings.request_timeout_s)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(self.settings.request_timeout_s):  # no task of its own, unlike wait_for
+                return await self._recommend(requests)
+        except TimeoutError:
             raise RequestTimeout(f"no recommendation within {self.settings.request_timeout_s:g} s "
                                  "(CLLM4REC_REQUEST_TIMEOUT_S)") from None
 

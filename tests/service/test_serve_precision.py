@@ -1,6 +1,7 @@
-"""The CPU path chosen at load (CLLM4REC_DTYPE=auto): ONNX Runtime's float32 or a bfloat16 format (the latter
-only where the CPU has the units) when it measured faster and ranks as PyTorch's float32 does; PyTorch's
-float32 otherwise, restored exactly; /readyz and the model metric say which runs."""
+"""The backbone's format chosen at load (CLLM4REC_DTYPE=auto): on a CPU ONNX Runtime's float32 or a bfloat16
+format (the latter only where the CPU has the units), on CUDA its graphs, when it measured faster and ranks
+as PyTorch's float32 does; PyTorch's float32 otherwise, restored exactly; /readyz and the model metric say
+which runs."""
 
 from __future__ import annotations
 
@@ -10,18 +11,20 @@ import torch
 from model.backbone import load_backbone
 from model.checkpoint import load_recommender
 from model.cllm4rec import CLLM4Rec, score_prompts
+from model.onnx_backbone import OnnxBackbone
 from model.prompts import PromptTemplates, TokenSpace, build_recommend_prompt
 from service import precision
-from model.onnx_backbone import OnnxBackbone
-from service.precision import (BFLOAT16_FORMATS, MIN_TOP20_OVERLAP, ONNXRUNTIME_FORMATS, choose_cpu_precision,
-                               sample_prompts, top20_overlap)
+from service.precision import (BFLOAT16_FORMATS, CUDA_GRAPH_FORMATS, MIN_TOP20_OVERLAP, ONNXRUNTIME_FORMATS,
+                               candidate_formats, choose_backbone_format, sample_prompts, top20_overlap)
 from serving_helpers import metric_value, running_server, server_settings
+
+MAX_BATCH_SIZE = 8  # the formats are compared in batches of 1, 2, 4 and 8 prompts
 
 
 def test_without_bf16_units_only_onnxruntime_is_tried(tiny_checkpoint, monkeypatch):
     monkeypatch.setattr(precision, "cpu_has_bf16_units", lambda: False)
     recommender = load_recommender(tiny_checkpoint, "cpu")
-    choice = choose_cpu_precision(recommender)
+    choice = choose_backbone_format(recommender, MAX_BATCH_SIZE)
     assert set(choice.batch1_ms) == {"float32", *ONNXRUNTIME_FORMATS} and "no bfloat16 units" in choice.reason
     assert choice.precision in ("float32", *ONNXRUNTIME_FORMATS)
     assert all(p.dtype == torch.float32 for p in recommender.model.backbone.parameters())
@@ -34,7 +37,7 @@ def test_the_fastest_format_that_ranks_alike_is_kept(tiny_checkpoint, monkeypatc
     recommender = load_recommender(tiny_checkpoint, "cpu")
     prompts = sample_prompts(recommender, 64)
     reference = score_prompts(recommender.model, prompts)
-    choice = choose_cpu_precision(recommender)
+    choice = choose_backbone_format(recommender, MAX_BATCH_SIZE)
     formats = {*ONNXRUNTIME_FORMATS, *BFLOAT16_FORMATS}
     assert set(choice.batch1_ms) == {"float32", *formats} and set(choice.top20_overlap) == formats
     if choice.precision != "float32":
@@ -54,7 +57,7 @@ def test_each_format_is_taken_off_exactly(tiny_checkpoint):
     prompts = sample_prompts(recommender, 16)
     reference = score_prompts(recommender.model, prompts)
     for name in (*ONNXRUNTIME_FORMATS, *BFLOAT16_FORMATS):
-        backbone_format = precision.BackboneFormat(recommender.model, name)
+        backbone_format = precision.BackboneFormat(recommender, name, MAX_BATCH_SIZE)
         backbone_format.put_on()
         changed = score_prompts(recommender.model, prompts)
         backbone_format.take_off()
@@ -93,18 +96,33 @@ def test_a_format_that_cannot_be_put_on_is_left_out(tiny_checkpoint, monkeypatch
     recommender = load_recommender(tiny_checkpoint, "cpu")
     prompts = sample_prompts(recommender, 8)
     reference = score_prompts(recommender.model, prompts)
-    choice = choose_cpu_precision(recommender)
+    choice = choose_backbone_format(recommender, MAX_BATCH_SIZE)
     assert choice.precision == "float32" and "float32-onnxruntime failed" in choice.reason
     assert recommender.model.inference_backbone is None
     assert torch.equal(score_prompts(recommender.model, prompts), reference)
 
 
+def test_cuda_graphs_are_tried_on_cuda_only_and_left_out_where_they_cannot_be_captured(tiny_checkpoint,
+                                                                                      monkeypatch):
+    """A CPU never tries them; where a capture fails (here: asked of a CPU model, which has no CUDA stream to
+    capture on) the choice goes on without them and PyTorch's backbone stays as it was."""
+    recommender = load_recommender(tiny_checkpoint, "cpu")
+    assert not set(candidate_formats(recommender.model)) & set(CUDA_GRAPH_FORMATS)
+    monkeypatch.setattr(precision, "candidate_formats", lambda model: CUDA_GRAPH_FORMATS)
+    prompts = sample_prompts(recommender, 8)
+    reference = score_prompts(recommender.model, prompts)
+    choice = choose_backbone_format(recommender, MAX_BATCH_SIZE)
+    assert choice.precision == "float32" and "float32-cuda-graphs failed" in choice.reason
+    assert recommender.model.inference_backbone is None
+    assert torch.equal(score_prompts(recommender.model, prompts), reference)
+
+
 def test_readiness_and_the_model_metric_name_the_precision(tiny_checkpoint, monkeypatch):
-    monkeypatch.setattr(precision, "candidate_formats", lambda: ())
+    monkeypatch.setattr(precision, "candidate_formats", lambda model: ())
     with running_server(server_settings(tiny_checkpoint, dtype="auto")) as server, server.client() as client:
         assert client.get("/readyz").json()["precision"] == "float32"
         assert metric_value(client.get("/metrics").text, "cllm4rec_model_info", precision="float32") == 1
-    monkeypatch.setattr(precision, "candidate_formats", lambda: ONNXRUNTIME_FORMATS)
+    monkeypatch.setattr(precision, "candidate_formats", lambda model: ONNXRUNTIME_FORMATS)
     monkeypatch.setattr(precision, "MIN_TOP20_OVERLAP", 0.0)  # kept whenever faster, as it is on this CPU
     with running_server(server_settings(tiny_checkpoint, dtype="auto")) as server, server.client() as client:
         ready = client.get("/readyz").json()["precision"]
