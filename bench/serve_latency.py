@@ -153,9 +153,9 @@ def server_sums(url: str) -> dict[str, float]:
 
 class Connection:
     """One keep-alive HTTP/1.1 connection for the load: a socket write and a read per request. The load
-    generator shares the server's CPUs, so its own cost lands in every latency it measures; httpx's
-    was about 1.7 ms of a 4-layer request's 9-11 ms at concurrency 1, this one's about 0.15 ms
-    (docs/benchmarks.md, "Overhead at 4 layers")."""
+    generator shares the server's CPUs, so its own cost lands in every latency it measures: with httpx
+    the client and the transport took 1.85 ms of a 4-layer request's 11.2 ms at concurrency 1, with this
+    0.2-0.3 ms (docs/benchmarks.md, "Overhead at 4 layers")."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str):
         self.reader, self.writer, self.host = reader, writer, host.encode()
