@@ -437,24 +437,24 @@ class Trainer:
         if self.ranks.is_main:
             print(f"head refitted in closed form on epoch {epoch}'s model ({time.monotonic() - started:.0f} s)")
         kept = 0.0
-        for share in REFIT_SHARES:
-            mix_heads(self.model, trained, refitted, share)
+        for refit_share in REFIT_SHARES:
+            mix_heads(self.model, trained, refitted, refit_share)
             metrics = self.validate()
             score = selection_score(metrics)
             improved = score > self.best_score
             if improved:
-                kept, self.best_score = share, score
-                self.best_metrics = {"epoch": epoch, "stage": "refit", "share": share, "val": metrics}
+                kept, self.best_score = refit_share, score
+                self.best_metrics = {"epoch": epoch, "stage": "refit", "share": refit_share, "val": metrics}
             if not self.ranks.is_main:
                 continue
             with defer_interrupt() if not self.ranks.parallel else contextlib.nullcontext():
                 if improved:
                     self.save_best(self.best_metrics)
-                ckpt.append_metrics(self.out, {"epoch": epoch, "stage": "refit", "share": share, "val": metrics,
-                                               "score": score, "best": improved,
+                ckpt.append_metrics(self.out, {"epoch": epoch, "stage": "refit", "share": refit_share,
+                                               "val": metrics, "score": score, "best": improved,
                                                "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
             shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-            print(f"  {share:g} of the refit: val {shown}{' *best*' if improved else ''}", flush=True)
+            print(f"  {refit_share:g} of the refit: val {shown}{' *best*' if improved else ''}", flush=True)
         mix_heads(self.model, trained, refitted, kept)  # the model as the checkpoint holds it
 
     def end_epoch(self, stage: str, passes: dict, metrics: dict | None, schedule: list[str],

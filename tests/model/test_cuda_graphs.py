@@ -1,6 +1,7 @@
-"""The CUDA-graph backbone's shapes and padding (model/cuda_graphs.py): a pass padded to its bucket scores as
-the plain pass does. Run here with each bucket's pass eager (capture=False, the same static buffers and
-padding); with CUDA, the captured graphs against PyTorch's eager passes as well."""
+"""The CUDA-graph backbone (model/cuda_graphs.py): its pass reads nothing on the host (a capture's
+condition), and a pass padded to its bucket scores as the plain pass does. Run here with each bucket's pass
+eager (capture=False, the same static buffers and padding); with CUDA, the captured graphs against
+PyTorch's eager passes as well."""
 
 from __future__ import annotations
 
@@ -45,6 +46,21 @@ def test_the_mask_made_in_the_pass_gives_the_model_own_states(tiny_llama):
     torch.testing.assert_close(last[real], reference.last_hidden_state[real], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(inner[:, real], torch.stack(reference.hidden_states[1:-1])[:, real],
                                rtol=1e-5, atol=1e-5)
+
+
+def test_the_pass_reads_nothing_on_the_host(tiny_llama):
+    """A CUDA graph's capture forbids reading a device tensor on the host. On the meta device, which holds
+    no values to read, the pass with its mask made inside runs through; the model's own 2D-mask path
+    reads the mask (to skip it for unpadded batches) and cannot."""
+    backbone, _ = load_backbone(str(tiny_llama))
+    backbone = backbone.to("meta")
+    embeds = torch.zeros(2, 16, backbone.config.hidden_size, device="meta")
+    mask = torch.ones(2, 16, dtype=torch.long, device="meta")
+    with torch.no_grad():
+        last, inner = MaskedBackbone(backbone, every_layer=True)(embeds, mask)
+        assert last.shape == embeds.shape and inner.shape[1:] == embeds.shape
+        with pytest.raises(RuntimeError, match="meta"):
+            backbone.base_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False)
 
 
 @pytest.mark.parametrize("readout", [False, True])

@@ -86,33 +86,26 @@ def test_onnxruntime_scores_as_pytorch_float32(tiny_llama, readout):
     torch.testing.assert_close(score_prompts(model, prompts[2:3]), reference[2:3], rtol=1e-4, atol=1e-4)  # alone
 
 
-def test_a_format_that_cannot_be_put_on_is_left_out(tiny_checkpoint, monkeypatch):
-    """An exporter failure (a backbone ONNX cannot take) costs that candidate only: the choice goes on."""
+def test_cuda_graphs_are_tried_on_cuda_only(tiny_checkpoint):
+    recommender = load_recommender(tiny_checkpoint, "cpu")
+    assert not set(candidate_formats(recommender.model)) & set(CUDA_GRAPH_FORMATS)
+
+
+@pytest.mark.parametrize("failing", ["float32-onnxruntime", "float32-cuda-graphs"])
+def test_a_format_that_cannot_be_put_on_is_left_out(tiny_checkpoint, monkeypatch, failing):
+    """An exporter failure (a backbone ONNX cannot take) or a failed capture (here: CUDA graphs asked of a
+    CPU model, which has no CUDA stream to capture on) costs that candidate only: the choice goes on and
+    PyTorch's backbone stays as it was."""
     def refuse(*args, **kwargs):
         raise RuntimeError("no exporter for this backbone")
 
     monkeypatch.setattr(precision, "OnnxBackbone", refuse)
-    monkeypatch.setattr(precision, "cpu_has_bf16_units", lambda: False)
+    monkeypatch.setattr(precision, "candidate_formats", lambda model: (failing,))
     recommender = load_recommender(tiny_checkpoint, "cpu")
     prompts = sample_prompts(recommender, 8)
     reference = score_prompts(recommender.model, prompts)
     choice = choose_backbone_format(recommender, MAX_BATCH_SIZE)
-    assert choice.precision == "float32" and "float32-onnxruntime failed" in choice.reason
-    assert recommender.model.inference_backbone is None
-    assert torch.equal(score_prompts(recommender.model, prompts), reference)
-
-
-def test_cuda_graphs_are_tried_on_cuda_only_and_left_out_where_they_cannot_be_captured(tiny_checkpoint,
-                                                                                      monkeypatch):
-    """A CPU never tries them; where a capture fails (here: asked of a CPU model, which has no CUDA stream to
-    capture on) the choice goes on without them and PyTorch's backbone stays as it was."""
-    recommender = load_recommender(tiny_checkpoint, "cpu")
-    assert not set(candidate_formats(recommender.model)) & set(CUDA_GRAPH_FORMATS)
-    monkeypatch.setattr(precision, "candidate_formats", lambda model: CUDA_GRAPH_FORMATS)
-    prompts = sample_prompts(recommender, 8)
-    reference = score_prompts(recommender.model, prompts)
-    choice = choose_backbone_format(recommender, MAX_BATCH_SIZE)
-    assert choice.precision == "float32" and "float32-cuda-graphs failed" in choice.reason
+    assert choice.precision == "float32" and f"{failing} failed" in choice.reason
     assert recommender.model.inference_backbone is None
     assert torch.equal(score_prompts(recommender.model, prompts), reference)
 
