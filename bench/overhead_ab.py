@@ -1,0 +1,117 @@
+"""What HTTP, Redis and batching add to a lone request, for two or more versions of the server side by side.
+
+    python bench/overhead_ab.py --checkpoint runs/quickstart/checkpoint --rev HEAD~1 --rev .
+
+Each --rev (a git revision, or . for this working tree) is checked out into a temporary worktree and
+served by a `cllm4rec serve` of its own (the same checkpoint and defaults as bench/serve_latency.py; the
+same Redis, under a key prefix of its own, seeded from the checkpoint and deleted at the end). Then
+--rounds rounds, each sending --block concurrency-1 POST /recommend requests (known users with
+training items, stored histories, k = 10) to every server in turn, the order reversed every other round.
+A block's overhead is the client's mean latency minus the server's mean time in the forward pass
+(its cllm4rec_model_forward_duration_seconds histogram: the pass, masking and top-k), so what is left is
+the HTTP stack, Redis and the batcher, with the forward pass's own drift taken out. Prints, per
+revision, the median over the rounds, their spread, and the median latency and forward time.
+
+Why side by side: this VM's speed drifts by up to a fifth within a minute, more than the differences
+measured (docs/benchmarks.md, "Overhead at 4 layers"). Run it with nothing else busy.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the server does (service/__init__.py), before torch
+
+import argparse  # noqa: E402  (the imports below come after the environment is set)
+import asyncio
+import signal
+import statistics
+import subprocess
+import tempfile
+import uuid
+from pathlib import Path
+
+import numpy as np
+import redis
+
+from model.checkpoint import read_checkpoint
+from serve_latency import MS, load, server_sums
+from serve_process import start_serve
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+
+
+def check_out(revision: str, into: Path) -> Path:
+    """A worktree of `revision` (this working tree itself for ".")."""
+    if revision == ".":
+        return REPOSITORY
+    subprocess.run(["git", "-C", str(REPOSITORY), "worktree", "add", "--detach", "--quiet", str(into), revision],
+                   check=True)
+    return into
+
+
+def block(url: str, bodies: list[dict]) -> tuple[float, float, float]:
+    """(overhead, median latency, mean forward time) of one block of concurrency-1 requests, in ms."""
+    before = server_sums(url)
+    latencies, _ = asyncio.run(load(url, bodies, 1))
+    forward = (server_sums(url)["forward_ms"] - before["forward_ms"]) / len(bodies)
+    return MS * (statistics.mean(latencies) - forward), MS * statistics.median(latencies), MS * forward
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--rev", action="append", required=True, help="a git revision, or . (repeat: two or more)")
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--block", type=int, default=100, help="requests to each server per round")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of each server")
+    parser.add_argument("--port", type=int, default=8770, help="the first server's; the others' follow")
+    args = parser.parse_args()
+    if len(args.rev) < 2:
+        parser.error("compare two or more --rev")
+    checkpoint = read_checkpoint(args.checkpoint, scoring_only=True)
+    users = [checkpoint.user_ids[u] for u, items in enumerate(checkpoint.split.train) if len(items)]
+    rng = np.random.default_rng(0)
+    prefix = f"bench-{uuid.uuid4().hex[:8]}:"
+    servers, urls, trees = [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            for i, revision in enumerate(args.rev):
+                trees.append(check_out(revision, Path(tmp) / f"rev-{i}"))
+                port = args.port + i
+                servers.append(start_serve(args.checkpoint.resolve(), port, {
+                    "CLLM4REC_REDIS_URL": args.redis_url, "CLLM4REC_REDIS_KEY_PREFIX": prefix,
+                    "CLLM4REC_TORCH_THREADS": str(args.threads)}, Path(tmp) / f"server-{i}.log", trees[-1]))
+                urls.append(f"http://127.0.0.1:{port}")
+            results: list[list[tuple[float, float, float]]] = [[] for _ in urls]
+            for url in urls:  # warm the connections and caches
+                asyncio.run(load(url, [{"user_id": user, "k": 10} for user in users[:16]], 1))
+            for round_ in range(args.rounds):
+                order = list(range(len(urls)))[:: 1 if round_ % 2 == 0 else -1]
+                for i in order:
+                    bodies = [{"user_id": user, "k": 10} for user in rng.choice(users, args.block)]
+                    results[i].append(block(urls[i], bodies))
+        finally:
+            for server in servers:
+                server.send_signal(signal.SIGTERM)
+                server.wait(60)
+            for tree in trees:
+                if tree != REPOSITORY:
+                    subprocess.run(["git", "-C", str(REPOSITORY), "worktree", "remove", "--force", str(tree)],
+                                   check=False)
+            store = redis.Redis.from_url(args.redis_url)
+            keys = list(store.scan_iter(match=prefix + "*", count=1000))
+            for start in range(0, len(keys), 1000):
+                store.delete(*keys[start : start + 1000])
+    print(f"{args.checkpoint}: {args.rounds} rounds of {args.block} concurrency-1 requests to each server in turn")
+    print(f"{'revision':>24} {'overhead ms (median)':>21} {'spread (min-max)':>22} {'p50 ms':>8} {'forward ms':>11}")
+    for revision, rows in zip(args.rev, results):
+        overheads = sorted(row[0] for row in rows)
+        print(f"{revision:>24} {statistics.median(overheads):>21.3f} "
+              f"{f'{overheads[0]:.2f}-{overheads[-1]:.2f}':>22} {statistics.median(r[1] for r in rows):>8.2f} "
+              f"{statistics.median(r[2] for r in rows):>11.2f}")
+
+
+if __name__ == "__main__":
+    main()
