@@ -19,6 +19,10 @@ on fixed shapes and fixed memory. Hence:
   during a capture must not outlive it.
 - When: every bucket at load, in the loading thread, with capture errors local to that thread: a
   reload captures while the old model's passes go on in the batcher's thread.
+- Memory: the graphs share one pool, so together they hold about what the largest bucket's pass needs
+  (each its own pool would hold the sum over all buckets). Sharing is safe here because passes run one
+  at a time (the served model's lock) and each pass copies its outputs out right after its replay:
+  another graph's replay may reuse a graph's memory, outputs included, but never while they are read.
 
 The soft tokens' embedding before the backbone and the float32 item head after it stay eager
 (CLLM4Rec.embed, item_logits): a few kernels each, on tables that live items grow.
@@ -83,9 +87,10 @@ class GraphedBackbone:
         self.every_layer = every_layer
         self.autocast = autocast
         embeddings = backbone.get_input_embeddings().weight
-        with torch.no_grad():
+        self.pool = torch.cuda.graph_pool_handle() if capture else None
+        with torch.no_grad():  # the largest first: the shared pool grows once, the others reuse it
             self.buckets = {(batch, length): self.record(batch, length, embeddings, capture)
-                            for batch in sorted(batch_sizes) for length in sorted(lengths)}
+                            for batch in sorted(batch_sizes, reverse=True) for length in sorted(lengths, reverse=True)}
 
     @classmethod
     def of(cls, model: CLLM4Rec, max_batch_size: int, max_tokens: int, capture: bool = True) -> GraphedBackbone:
@@ -110,7 +115,7 @@ class GraphedBackbone:
                 self.module(embeds, mask)
         torch.cuda.current_stream(embeddings.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"), self.autocast():
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"), self.autocast():
             outputs = as_tuple(self.module(embeds, mask))
 
         def replay():
