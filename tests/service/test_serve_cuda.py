@@ -28,15 +28,15 @@ def test_server_scores_on_the_gpu(tiny_checkpoint, offline):
                             endpoint="/recommend", method="POST", status="200") == 20
 
 
-
 def test_the_backbone_format_is_chosen_on_the_gpu(tiny_checkpoint, offline):
     """CLLM4REC_DTYPE=auto on CUDA times the eager passes against their CUDA graphs and keeps what agrees;
     either way the answers rank as the offline model on the CPU does, bfloat16's rounding aside."""
     with running_server(server_settings(tiny_checkpoint, dtype="auto")) as server, server.client() as client:
         precision = client.get("/readyz").json()["precision"]
         assert precision in ("float32", "float32-cuda-graphs"), server.engine.model.precision.reason
-        served = [[it["item_id"] for it in client.post("/recommend", json={"user_id": user_id, "k": 20}).json()["items"]]
-                  for user_id in offline.checkpoint.user_ids[:8]]
+        answers = [client.post("/recommend", json={"user_id": user_id, "k": 20}).json()
+                   for user_id in offline.checkpoint.user_ids[:8]]
+    served = [[item["item_id"] for item in answer["items"]] for answer in answers]
     shared = 0
     for user, items in enumerate(served):
         history = offline.checkpoint.split.train[user].tolist()
