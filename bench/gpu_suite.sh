@@ -45,20 +45,21 @@ declare -A arms=(
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 if [ "$minutes" = serving ]; then
   started=$SECONDS
-  timeout -s INT -k 30 240 python3 -m service.cli train --data "$data/amazon-beauty" --out "$runs/serving" \
+  # Timeouts that add up to under the device tool's 10 minutes a call (train 3, each bench 2.5, tests 1.5).
+  timeout -s INT -k 10 170 python3 -m service.cli train --data "$data/amazon-beauty" --out "$runs/serving" \
     --recipe gpu --time-budget 1 >"$logs/train-serving.log" 2>&1
   echo "=== train (1 minute budget): exit $? after $((SECONDS - started)) s"
   for run in eager:float32 chosen:auto; do
     started=$SECONDS
     arm=${run%%:*}
-    timeout 240 python3 bench/serve_latency.py --checkpoint "$runs/serving" --redis-url '' --concurrency 1 32 \
+    timeout 150 python3 bench/serve_latency.py --checkpoint "$runs/serving" --redis-url '' --concurrency 1 32 \
       --requests 1024 --ar-users 8 --threads 4 --dtype "${run#*:}" --json \
       >"$logs/serve-latency-$arm.json" 2>"$logs/serve-latency-$arm.log"
     echo "=== serve_latency $arm: exit $? after $((SECONDS - started)) s"
     cat "$logs/serve-latency-$arm.json"
   done
   started=$SECONDS
-  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/model/test_cuda_graphs.py tests/service/test_serve_cuda.py \
+  timeout 90 python3 -m pytest -q -p no:cacheprovider tests/model/test_cuda_graphs.py tests/service/test_serve_cuda.py \
     >"$logs/cuda-tests.log" 2>&1
   echo "=== CUDA tests: exit $? after $((SECONDS - started)) s"
   tail -n 15 "$logs/cuda-tests.log"
