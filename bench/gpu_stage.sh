@@ -10,7 +10,7 @@
 #                                         #   the GGUF into /tmp/site and exports PYTHONPATH
 #
 # The SmolLM2 GGUF (98 MB, Q4_1: it does not compress) is more than one call carries, hence two
-# calls on the same warm machine. Both folders are ignored by git (.git/info/exclude).
+# calls on the same warm machine. Both folders are ignored by git (.gitignore).
 set -u
 gguf_name=SmolLM2-135M-Instruct.Q4_1.gguf
 # The service's pure-Python dependencies (and pydantic-core, built for the device's CPython 3.12)
