@@ -77,7 +77,8 @@ async def require_write_key(request: Request, credentials: BearerCredentials, he
     check_key(request, credentials, header_key, "write")
 
 
-async def require_admin_key_or_loopback(request: Request, credentials: BearerCredentials, header_key: HeaderKey) -> None:
+async def require_admin_key_or_loopback(request: Request, credentials: BearerCredentials,
+                                        header_key: HeaderKey) -> None:
     check_key(request, credentials, header_key, "admin")
     client = request.client.host if request.client else None
     if not request.app.state.settings.scope_keys("admin") and not is_loopback(client):
