@@ -31,7 +31,7 @@ ENGINES = ("auto", "pytorch", "onnxruntime")  # what runs passes without gradien
 class OnnxBackbone:
     """Runs the exported backbone; called like CLLM4Rec.backbone_output's backbone pass (no gradients)."""
 
-    def __init__(self, backbone: nn.Module, every_layer: bool, threads: int):
+    def __init__(self, backbone: nn.Module, every_layer: bool, threads: int, spinning: bool = False):
         hidden = backbone.get_input_embeddings().embedding_dim
         # Traced on a padded batch of two, so the graph keeps the general masked path (an all-ones mask
         # could let the attention take its unmasked shortcut).
@@ -51,24 +51,24 @@ class OnnxBackbone:
                                                                               *outputs]},
                                   opset_version=17, dynamo=False)
             release_freed_memory()  # what the export allocated and freed: 0.4 GB more at 30 layers
-            self.session = self.open_session(graph, threads)
+            self.session = self.open_session(graph, threads, spinning)
         release_freed_memory()
         self.every_layer = every_layer
 
     @classmethod
-    def of(cls, model: nn.Module) -> OnnxBackbone:
+    def of(cls, model: nn.Module, spinning: bool = False) -> OnnxBackbone:
         """For a CLLM4Rec: every layer's states where its head reads them, torch's thread count."""
-        return cls(model.backbone, model.has_head_readout, torch.get_num_threads())
+        return cls(model.backbone, model.has_head_readout, torch.get_num_threads(), spinning)
 
     @staticmethod
-    def open_session(graph: Path, threads: int) -> onnxruntime.InferenceSession:
+    def open_session(graph: Path, threads: int, spinning: bool = False) -> onnxruntime.InferenceSession:
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-        # No spinning between passes: the event loop and Redis client share the same cores (as torch's
-        # OMP_WAIT_POLICY=PASSIVE, service/__init__.py). Spinning measured 10% faster at 30 layers on an
-        # otherwise idle machine, at the cost of a busy core (docs/benchmarks.md).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # No spinning unless asked (CLLM4REC_ONNXRUNTIME_SPINNING): the event loop and Redis client share the
+        # same cores (as torch's OMP_WAIT_POLICY=PASSIVE, service/__init__.py). Spinning measured 10% faster at
+        # 30 layers and 4 layers on an otherwise idle machine, at the cost of a busy core (docs/benchmarks.md).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
         return onnxruntime.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
 

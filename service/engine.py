@@ -109,7 +109,7 @@ class ServedModel:
         if settings.dtype == "auto":
             if recommender.device.type == "cpu":
                 torch.set_num_threads(settings.resolved_torch_threads())  # timed as it will serve
-            precision = choose_backbone_format(recommender, settings.max_batch_size)
+            precision = choose_backbone_format(recommender, settings.max_batch_size, settings.onnxruntime_spinning)
         else:
             precision = PrecisionChoice(settings.dtype, f"CLLM4REC_DTYPE={settings.dtype}")
         popularity = torch.as_tensor(recommender.popularity, dtype=torch.float32)

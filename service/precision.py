@@ -80,10 +80,11 @@ class BackboneFormat:
     "float32-cuda-graphs" replays its passes from CUDA graphs (model/cuda_graphs.py) for batches of up to
     max_batch_size prompts."""
 
-    def __init__(self, recommender: Recommender, name: str, max_batch_size: int):
+    def __init__(self, recommender: Recommender, name: str, max_batch_size: int, spinning: bool = False):
         self.name = name
         self.recommender = recommender
         self.max_batch_size = max_batch_size
+        self.spinning = spinning  # ONNX Runtime's threads (CLLM4REC_ONNXRUNTIME_SPINNING)
         model = self.model = recommender.model
         self.parameters = list(model.backbone.parameters())
         self.float32_weights = [p.data for p in self.parameters]
@@ -100,7 +101,7 @@ class BackboneFormat:
                 setattr(parent, child_name, Bfloat16Linear(child))
         else:
             if self.runner is None:
-                self.runner = OnnxBackbone.of(self.model) if self.name in ONNXRUNTIME_FORMATS else \
+                self.runner = OnnxBackbone.of(self.model, self.spinning) if self.name in ONNXRUNTIME_FORMATS else \
                     GraphedBackbone.of(self.model, self.max_batch_size, longest_recommend_prompt(
                         self.recommender.space, self.recommender.max_history))
             self.model.inference_backbone = self.runner
@@ -157,9 +158,10 @@ def candidate_formats(model: CLLM4Rec) -> tuple[str, ...]:
     return ONNXRUNTIME_FORMATS + (BFLOAT16_FORMATS if cpu_has_bf16_units() else ())
 
 
-def choose_backbone_format(recommender: Recommender, max_batch_size: int) -> PrecisionChoice:
+def choose_backbone_format(recommender: Recommender, max_batch_size: int, spinning: bool = False) -> PrecisionChoice:
     """Leave the recommender's float32 backbone in the fastest format whose rankings agree (see above);
-    max_batch_size: the largest batch it will be asked to score (CLLM4REC_MAX_BATCH_SIZE)."""
+    max_batch_size: the largest batch it will be asked to score (CLLM4REC_MAX_BATCH_SIZE); spinning: ONNX
+    Runtime's threads spin (CLLM4REC_ONNXRUNTIME_SPINNING)."""
     on_cuda = recommender.device.type == "cuda"
     prompts = sample_prompts(recommender, SAMPLE_PROMPTS)
     if not prompts:
@@ -168,7 +170,7 @@ def choose_backbone_format(recommender: Recommender, max_batch_size: int) -> Pre
     timings, overlaps, failed = {"float32": median_ms(recommender, prompts[0])}, {}, []
     formats = {}
     for name in candidate_formats(recommender.model):
-        backbone_format = BackboneFormat(recommender, name, max_batch_size)
+        backbone_format = BackboneFormat(recommender, name, max_batch_size, spinning)
         try:
             backbone_format.put_on()
             timings[name] = median_ms(recommender, prompts[0])

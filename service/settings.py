@@ -65,12 +65,17 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto: CUDA when available, else CPU")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        "auto", description="weights of the backbone and embeddings; auto: float32 weights computing in bfloat16 "
-        "on CUDA (autocast, as in training), and on a CPU with bfloat16 units a bfloat16 backbone when it "
-        "measures faster at load with the same top 20 (service/precision.py), else float32; "
-        "float16/bfloat16: all weights in half precision")
+        "auto", description="weights of the backbone and embeddings; auto: float32 weights, the backbone run "
+        "the fastest way that measures at load with the same top 20 (service/precision.py): on CUDA computing in "
+        "bfloat16 (autocast, as in training), eager or from CUDA graphs; on a CPU PyTorch's float32, ONNX "
+        "Runtime's float32 or, with bfloat16 units, a bfloat16 format; float16/bfloat16: all weights in half "
+        "precision")
     torch_threads: int = Field(0, ge=0, description="intra-op CPU threads of the forward pass; 0: one per "
                                "available CPU")
+    onnxruntime_spinning: bool = Field(False, description="ONNX Runtime's threads spin instead of sleeping "
+                                       "between a pass's operations and a little after it: 9.5-10% lower p50 on "
+                                       "an otherwise idle machine, for a busy core that the event loop, Redis or a "
+                                       "CPU quota may need; for dedicated cores")
 
     # --- batching ---
     max_batch_size: int = Field(32, ge=1, description="most requests scored in one forward pass")

@@ -67,6 +67,17 @@ def test_each_format_is_taken_off_exactly(tiny_checkpoint):
     assert linear(torch.randn(3, 8)).dtype == torch.float32 and linear.weight.dtype == torch.bfloat16
 
 
+def test_onnxruntime_threads_spin_only_when_asked(tiny_checkpoint):
+    """CLLM4REC_ONNXRUNTIME_SPINNING reaches the session: sleeping threads by default, spinning ones when set."""
+    recommender = load_recommender(tiny_checkpoint, "cpu")
+    for spinning in (False, True):
+        backbone_format = precision.BackboneFormat(recommender, "float32-onnxruntime", MAX_BATCH_SIZE, spinning)
+        backbone_format.put_on()
+        options = recommender.model.inference_backbone.session.get_session_options()
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == ("1" if spinning else "0")
+        backbone_format.take_off()
+
+
 @pytest.mark.parametrize("readout", [False, True])
 def test_onnxruntime_scores_as_pytorch_float32(tiny_llama, readout):
     """The exported backbone gives PyTorch's float32 scores (to float rounding) for padded batches of prompts
