@@ -24,7 +24,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the server does (servi
 
 import argparse  # noqa: E402  (the imports below come after the environment is set)
 import asyncio
-import signal
 import statistics
 import subprocess
 import tempfile
@@ -32,11 +31,10 @@ import uuid
 from pathlib import Path
 
 import numpy as np
-import redis
 
 from model.checkpoint import read_checkpoint
 from serve_latency import MS, load, server_sums
-from serve_process import start_serve
+from serve_process import delete_keys, start_serve, stop_serve
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 
@@ -94,16 +92,12 @@ def main() -> None:
                     results[i].append(block(urls[i], bodies))
         finally:
             for server in servers:
-                server.send_signal(signal.SIGTERM)
-                server.wait(60)
+                stop_serve(server)
             for tree in trees:
                 if tree != REPOSITORY:
                     subprocess.run(["git", "-C", str(REPOSITORY), "worktree", "remove", "--force", str(tree)],
                                    check=False)
-            store = redis.Redis.from_url(args.redis_url)
-            keys = list(store.scan_iter(match=prefix + "*", count=1000))
-            for start in range(0, len(keys), 1000):
-                store.delete(*keys[start : start + 1000])
+            delete_keys(args.redis_url, prefix)
     print(f"{args.checkpoint}: {args.rounds} rounds of {args.block} concurrency-1 requests to each server in turn")
     print(f"{'revision':>24} {'overhead ms (median)':>21} {'spread (min-max)':>22} {'p50 ms':>8} {'forward ms':>11}")
     for revision, rows in zip(args.rev, results):

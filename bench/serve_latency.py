@@ -43,7 +43,6 @@ import asyncio
 import json
 import inspect
 import platform
-import signal
 import tempfile
 import time
 import uuid
@@ -51,7 +50,6 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import redis
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -59,7 +57,7 @@ from model.checkpoint import Recommender
 from model.cllm4rec import COLLAB, inference_autocast
 from service.engine import ScoreJob, ServedModel
 from service.settings import Settings
-from serve_process import start_serve
+from serve_process import delete_keys, start_serve, stop_serve
 
 MS = 1000.0
 
@@ -351,13 +349,9 @@ def main() -> None:
                            "p50_ms": round(percentiles(latencies)[0], 2),
                            "recommendations_per_s": round(len(users) / wall, 1)}
         finally:
-            server.send_signal(signal.SIGTERM)
-            server.wait(60)
+            stop_serve(server)
             if args.redis_url:
-                store = redis.Redis.from_url(args.redis_url)
-                keys = list(store.scan_iter(match=prefix + "*", count=1000))
-                for start in range(0, len(keys), 1000):
-                    store.delete(*keys[start : start + 1000])
+                delete_keys(args.redis_url, prefix)
 
     out("\nover HTTP (POST /recommend, history from Redis, micro-batched):")
     out(f"{'concurrency':>11} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'req/s':>8} {'mean batch':>11}")

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
+import redis
 
 READY_TIMEOUT_S = 300  # a cold backbone conversion takes about a minute on 2 CPUs
 
@@ -38,3 +40,17 @@ def start_serve(checkpoint: Path, port: int, settings: dict[str, str], log_path:
             process.kill()
             sys.exit(f"the server did not become ready in {READY_TIMEOUT_S} s")
         time.sleep(0.5)
+
+
+def stop_serve(process: subprocess.Popen) -> None:
+    """SIGTERM, as Kubernetes stops a pod, then wait for the drain to finish."""
+    process.send_signal(signal.SIGTERM)
+    process.wait(60)
+
+
+def delete_keys(redis_url: str, prefix: str) -> None:
+    """Delete the benchmark's keys (its key prefix) from the shared Redis, a thousand at a time."""
+    store = redis.Redis.from_url(redis_url)
+    keys = list(store.scan_iter(match=prefix + "*", count=1000))
+    for start in range(0, len(keys), 1000):
+        store.delete(*keys[start : start + 1000])

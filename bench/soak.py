@@ -24,7 +24,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the server does (servi
 import argparse  # noqa: E402  (the imports below come after the environment is set)
 import asyncio
 import json
-import signal
 import sys
 import tempfile
 from collections import Counter
@@ -35,7 +34,7 @@ from urllib.parse import urlsplit
 import numpy as np
 import psutil
 
-from serve_process import start_serve
+from serve_process import start_serve, stop_serve
 
 MS = 1000.0
 
@@ -223,8 +222,7 @@ def main() -> int:
             result = asyncio.run(open_loop(url, bodies, rate, args.duration, args.max_requests))
             rss_after = rss_mib(server.pid)
         finally:
-            server.send_signal(signal.SIGTERM)
-            server.wait(60)
+            stop_serve(server)
     summary = result.summary()
     summary.update(capacity_per_s=round(capacity, 1), rss_before_mib=round(rss_before, 1),
                    rss_after_mib=round(rss_after, 1))
