@@ -97,8 +97,12 @@ def read_bandwidth(device: torch.device, megabytes: int = 256, repeats: int = 5)
 
 
 def matmul_dtype(recommender: Recommender) -> torch.dtype:
-    """The number format of the blocks' matrix products: that of most of their weights (bfloat16-linear
-    keeps the norms, and the embeddings, float32), bfloat16 for float32 weights under CUDA's autocast."""
+    """The number format of a batch-1 pass's matrix products: float32 where ONNX Runtime runs it (on a CPU,
+    also beside a bfloat16 format for the large batches), else that of most of the blocks' weights
+    (bfloat16-linear keeps the norms, and the embeddings, float32), bfloat16 for float32 weights under CUDA's
+    autocast."""
+    if recommender.device.type == "cpu" and recommender.model.inference_runner(1) is not None:
+        return torch.float32
     numel: dict[torch.dtype, int] = {}
     for p in recommender.model.backbone.base_model.layers.parameters():
         numel[p.dtype] = numel.get(p.dtype, 0) + p.numel()

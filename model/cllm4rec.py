@@ -29,6 +29,7 @@ the paper's.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -40,6 +41,7 @@ from model.adapters import LowRankAdapter, attach_adapters
 from model.prompts import Document
 
 COLLAB, CONTENT = "collab", "content"
+EVERY_BATCH_SIZE = range(1, sys.maxsize)
 
 
 @dataclass
@@ -174,8 +176,11 @@ class CLLM4Rec(nn.Module):
         self.head_readout = nn.Parameter(torch.zeros(n_items, readout_width), requires_grad=False)  # 0 wide: off
         self.input_gradients = True  # train the soft tokens through the backbone too (the paper); see embed()
         # Another engine running the same frozen backbone for passes without gradients (model/onnx_backbone.py:
-        # serving's where it measures faster, training's and evaluation's on a CPU), or None: PyTorch's.
+        # serving's where it measures faster, training's and evaluation's on a CPU), or None: PyTorch's. It runs
+        # batches of the sizes in inference_batch_sizes, every size unless serving measured PyTorch's format
+        # faster for the small or the large ones (service/precision.py).
         self.inference_backbone = None
+        self.inference_batch_sizes = EVERY_BATCH_SIZE
         self.adapters: dict[str, LowRankAdapter] = {}  # low-rank adapters in the backbone (model.adapters), if any
         self.adapter_rank = self.adapter_layers = 0
         self.adapter_targets = "all"
@@ -246,11 +251,15 @@ class CLLM4Rec(nn.Module):
         """The backbone's output on the view's embeddings (with every layer's states when every_layer); without
         gradients through the inference backbone when one is set and gives them."""
         embeds = self.embed(input_ids, view)
-        runner = self.inference_backbone
+        runner = self.inference_runner(len(embeds))
         if runner is not None and not torch.is_grad_enabled() and (runner.every_layer or not every_layer):
             return runner(embeds, attention_mask)
         return self.backbone.base_model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False,
                                         output_hidden_states=every_layer)
+
+    def inference_runner(self, batch_size: int):
+        """The inference backbone where it runs batches of this size, else None (PyTorch's backbone)."""
+        return self.inference_backbone if batch_size in self.inference_batch_sizes else None
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, view: str) -> torch.Tensor:
         return self.backbone_output(input_ids, attention_mask, view).last_hidden_state

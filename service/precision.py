@@ -5,10 +5,14 @@ runs it (on CUDA computing in bfloat16 under autocast, as validation does), then
 (candidate_formats). On a CPU: float32 through ONNX Runtime (model/onnx_backbone.py) and, where the CPU
 has bfloat16 units (AVX-512 BF16 or AMX, read from its flags by model/precision.py), the whole backbone
 in bfloat16 or only its linear maps with float32 activations between them. On CUDA: the same passes
-replayed from CUDA graphs over bucketed shapes (model/cuda_graphs.py; SDPA attention only). The fastest
-format that is faster than PyTorch's and whose top 20 items agree with its top 20 on at least
-MIN_TOP20_OVERLAP of sample prompts (the checkpoint's own users, prompts as served, in batches of every
-size up to the largest) stays, else PyTorch's backbone comes back exactly. On a CPU without the units
+replayed from CUDA graphs over bucketed shapes (model/cuda_graphs.py; SDPA attention only). Each is timed
+at batch 1 and at the largest batch (CLLM4REC_MAX_BATCH_SIZE prompts). Of PyTorch's float32 and the formats
+whose top 20 items agree with its top 20 on at least MIN_TOP20_OVERLAP of sample prompts (the checkpoint's
+own users, prompts as served, in batches of every size up to the largest), the fastest at batch 1 stays;
+where another is faster at the largest batch and the two can run side by side (one in ONNX Runtime, the
+other PyTorch's), that one takes the batches from the size where it gets faster (the 4-layer quickstart
+model: ONNX Runtime's float32 alone, then PyTorch's bfloat16, docs/benchmarks.md). A format not kept comes
+off exactly, so PyTorch's float32 backbone comes back as it was. On a CPU without the units
 bfloat16 is emulated, about ten times slower (docs/benchmarks.md), so it is not tried. The user and item
 tables and the item head stay float32 and PyTorch's either way: the head always computes in float32
 (CLLM4Rec.item_logits), and the tables are per-user memory that CLLM4REC_DTYPE=bfloat16 halves when
@@ -18,6 +22,7 @@ asked for explicitly. Measured choices: docs/benchmarks.md ("Precision of the se
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -25,9 +30,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from model.checkpoint import Recommender
-from model.cllm4rec import CLLM4Rec, score_prompts
+from model.cllm4rec import EVERY_BATCH_SIZE, CLLM4Rec, score_prompts
 from model.cuda_graphs import GraphedBackbone, batch_buckets
 from model.onnx_backbone import OnnxBackbone
 from model.precision import BF16_CPU_FLAGS, cpu_has_bf16_units
@@ -46,14 +52,24 @@ SAMPLE_PROMPTS = 64  # users whose prompts compare the formats' rankings
 # quickstart model's choice flipped between formats 1.3 ms apart (docs/benchmarks.md).
 TIMING_REPEATS = 21
 WARM_UP_PASSES = 3
+# Passes of the largest batch (up to CLLM4REC_MAX_BATCH_SIZE sample prompts) timed per format, after one: each
+# takes 10-40x a batch-1 pass, and the formats it separates are further apart (4 layers: 74 against 109 ms).
+LARGEST_BATCH_REPEATS = 3
+# Formats that run the backbone in another engine (CLLM4Rec.inference_backbone) rather than change PyTorch's:
+# one of them and one PyTorch format can serve side by side, each the batch sizes it is faster at.
+RUNNER_FORMATS = ONNXRUNTIME_FORMATS + CUDA_GRAPH_FORMATS
 
 
 @dataclass
 class PrecisionChoice:
-    precision: str  # the backbone's format: "float32" (PyTorch), or one of the *_FORMATS
+    # The backbone's format: "float32" (PyTorch), one of the *_FORMATS, or "SMALL+LARGE": SMALL for batches of
+    # fewer than from_batch prompts, LARGE from there on
+    precision: str
     reason: str  # one line for the log
     batch1_ms: dict[str, float] = field(default_factory=dict)  # median forward time per format tried
     top20_overlap: dict[str, float] = field(default_factory=dict)  # each other format's agreement with float32
+    largest_batch_ms: dict[str, float] = field(default_factory=dict)  # median time of the largest batch's pass
+    from_batch: int | None = None  # where a split precision's second format takes over
 
 
 class Bfloat16Linear(nn.Module):
@@ -74,8 +90,9 @@ class Bfloat16Linear(nn.Module):
 
 class BackboneFormat:
     """One way of running the backbone, put on and taken off exactly: "bfloat16" converts every parameter
-    (buffers such as the rotary frequencies stay float32: the attention casts its rotation to the
-    activations' format), "bfloat16-linear" swaps the blocks' linear maps for Bfloat16Linear,
+    but the word embeddings (buffers such as the rotary frequencies stay float32: the attention casts its
+    rotation to the activations' format), whose lookups are cast to bfloat16 on their way into the blocks
+    instead (the same numbers; the table stays float32 for ONNX Runtime beside it), "bfloat16-linear" swaps the blocks' linear maps for Bfloat16Linear,
     "float32-onnxruntime" runs the float32 backbone through ONNX Runtime (model/onnx_backbone.py), and
     "float32-cuda-graphs" replays its passes from CUDA graphs (model/cuda_graphs.py) for batches of up to
     max_batch_size prompts."""
@@ -91,11 +108,16 @@ class BackboneFormat:
         self.linear_maps = [(parent, child_name, child) for parent in model.backbone.base_model.modules()
                             for child_name, child in parent.named_children() if isinstance(child, nn.Linear)]
         self.runner: OnnxBackbone | GraphedBackbone | None = None  # made on the first put_on
+        self.cast_on_entry: RemovableHandle | None = None  # "bfloat16": the embeddings' cast into the blocks
 
     def put_on(self) -> None:
         if self.name == "bfloat16":
+            word_embeddings = self.model.backbone.get_input_embeddings().weight
             for p in self.parameters:
-                p.data = p.data.to(torch.bfloat16)
+                if p is not word_embeddings:
+                    p.data = p.data.to(torch.bfloat16)
+            self.cast_on_entry = self.model.backbone.base_model.register_forward_pre_hook(
+                bfloat16_embeddings, with_kwargs=True)
         elif self.name == "bfloat16-linear":
             for parent, child_name, child in self.linear_maps:
                 setattr(parent, child_name, Bfloat16Linear(child))
@@ -111,7 +133,17 @@ class BackboneFormat:
             p.data = weights
         for parent, child_name, child in self.linear_maps:
             setattr(parent, child_name, child)
+        if self.cast_on_entry is not None:
+            self.cast_on_entry.remove()
+            self.cast_on_entry = None
         self.model.inference_backbone = None
+        self.model.inference_batch_sizes = EVERY_BATCH_SIZE
+
+
+def bfloat16_embeddings(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A forward pre-hook of the backbone's blocks: their float32 input embeddings in bfloat16."""
+    embeddings = kwargs.get("inputs_embeds")
+    return args, kwargs if embeddings is None else {**kwargs, "inputs_embeds": embeddings.to(torch.bfloat16)}
 
 
 def sample_prompts(recommender: Recommender, n: int) -> list[list[int]]:
@@ -121,16 +153,46 @@ def sample_prompts(recommender: Recommender, n: int) -> list[list[int]]:
     return [build_recommend_prompt(recommender.space, u, train[u].tolist(), recommender.max_history) for u in users]
 
 
-def median_ms(recommender: Recommender, prompt: list[int]) -> float:
-    """The median time of a one-prompt pass until its scores can be read (a GPU's work included)."""
-    for _ in range(WARM_UP_PASSES):  # the first passes of a format pay for its kernels' set-up
-        score_prompts(recommender.model, [prompt])
+def median_ms(recommender: Recommender, prompts: list[list[int]], warm_ups: int = WARM_UP_PASSES,
+              repeats: int = TIMING_REPEATS) -> float:
+    """The median time of a pass over these prompts until its scores can be read (a GPU's work included)."""
+    for _ in range(warm_ups):  # the first passes of a format pay for its kernels' set-up
+        score_prompts(recommender.model, prompts)
     times = []
-    for _ in range(TIMING_REPEATS):
+    for _ in range(repeats):
         started = time.perf_counter()
-        score_prompts(recommender.model, [prompt])[0, 0].item()
+        score_prompts(recommender.model, prompts)[0, 0].item()
         times.append(time.perf_counter() - started)
     return 1000 * statistics.median(times)
+
+
+def takeover_batch(small: dict[int, float], large: dict[int, float]) -> int:
+    """The smallest batch size timed (in both: size -> ms) at which `large` is faster than `small`."""
+    return min(size for size in small if large[size] < small[size])
+
+
+def time_sizes(recommender: Recommender, backbone_format: BackboneFormat | None, prompts: list[list[int]],
+               sizes: list[int]) -> dict[int, float]:
+    """Batch size -> the median ms of a pass of the first that many prompts in this format (None: PyTorch's
+    float32), put on for the timing and taken off."""
+    if backbone_format is not None:
+        backbone_format.put_on()
+    try:
+        return {size: median_ms(recommender, prompts[:size], 1, LARGEST_BATCH_REPEATS) for size in sizes}
+    finally:
+        if backbone_format is not None:
+            backbone_format.take_off()
+
+
+def can_share(first: str, second: str) -> bool:
+    """Two formats serve side by side when one runs in another engine and the other is PyTorch's, and that
+    engine keeps its own weights (ONNX Runtime) or PyTorch's stay as they are (float32): CUDA graphs read
+    PyTorch's weights in place, which a bfloat16 format would replace."""
+    runners = [name for name in (first, second) if name in RUNNER_FORMATS]
+    if len(runners) != 1:
+        return False
+    other = second if runners[0] == first else first
+    return runners[0] in ONNXRUNTIME_FORMATS or other == "float32"
 
 
 def score_in_batches(model: CLLM4Rec, prompts: list[list[int]], max_batch_size: int) -> torch.Tensor:
@@ -167,13 +229,19 @@ def choose_backbone_format(recommender: Recommender, max_batch_size: int, spinni
     if not prompts:
         return PrecisionChoice("float32", "no training users to compare the formats on")
     reference = score_in_batches(recommender.model, prompts, max_batch_size)
-    timings, overlaps, failed = {"float32": median_ms(recommender, prompts[0])}, {}, []
+    largest = prompts[:max_batch_size]
+
+    def time_both() -> tuple[float, float]:
+        return median_ms(recommender, prompts[:1]), \
+            median_ms(recommender, largest, 1, LARGEST_BATCH_REPEATS) if len(largest) > 1 else math.nan
+
+    timings, overlaps, failed = {"float32": time_both()}, {}, []
     formats = {}
     for name in candidate_formats(recommender.model):
         backbone_format = BackboneFormat(recommender, name, max_batch_size, spinning)
         try:
             backbone_format.put_on()
-            timings[name] = median_ms(recommender, prompts[0])
+            timings[name] = time_both()
             overlaps[name] = top20_overlap(reference, score_in_batches(recommender.model, prompts, max_batch_size))
         except Exception as e:  # a backbone the exporter or a capture cannot take: not a candidate
             log.warning("backbone format %s unavailable: %r", name, e)
@@ -183,15 +251,35 @@ def choose_backbone_format(recommender: Recommender, max_batch_size: int, spinni
         finally:
             backbone_format.take_off()
         formats[name] = backbone_format
-    shown = "batch-1 forward " + ", ".join(f"{timings[name]:.1f} ms {name}" for name in timings) + "; top 20 shared " \
-        + ", ".join(f"{overlaps[name]:.3f} {name}" for name in overlaps) \
+    shown = "; ".join(f"batch-{size} forward " + ", ".join(f"{timings[name][column]:.1f} ms {name}" for name in timings)
+                      for column, size in enumerate((1, len(largest))) if column == 0 or len(largest) > 1) \
+        + "; top 20 shared " + ", ".join(f"{overlaps[name]:.3f} {name}" for name in overlaps) \
         + ("; float32 weights computing in bfloat16 (autocast)" if on_cuda else
            "" if cpu_has_bf16_units() else f"; no bfloat16 units ({' or '.join(BF16_CPU_FLAGS)})") \
         + "".join(f"; {name} failed" for name in failed)
-    agreeing = [name for name in formats if overlaps[name] >= MIN_TOP20_OVERLAP and timings[name] < timings["float32"]]
-    if not agreeing:
-        return PrecisionChoice("float32", f"float32 backbone, the others were slower or ranked differently ({shown})",
-                               timings, overlaps)
-    fastest = min(agreeing, key=timings.get)
-    formats[fastest].put_on()
-    return PrecisionChoice(fastest, f"{fastest} backbone ({shown})", timings, overlaps)
+    batch1_ms = {name: timing[0] for name, timing in timings.items()}
+    largest_batch_ms = {name: timing[1] for name, timing in timings.items() if len(largest) > 1}
+    # PyTorch's float32 and each format that ranks as it does; the fastest at batch 1 serves the small batches
+    # (a lone request's latency), the fastest at the largest batch the large ones, where the two can share.
+    kept = ["float32", *(name for name in formats if overlaps[name] >= MIN_TOP20_OVERLAP)]
+    small = min(kept, key=batch1_ms.get)
+    large = min(kept, key=largest_batch_ms.get) if largest_batch_ms else small
+    if large == small or not can_share(small, large):
+        if small == "float32":
+            return PrecisionChoice("float32", f"float32 backbone, the others were slower or ranked differently ({shown})",
+                                   batch1_ms, overlaps, largest_batch_ms)
+        formats[small].put_on()
+        return PrecisionChoice(small, f"{small} backbone ({shown})", batch1_ms, overlaps, largest_batch_ms)
+    # Where between the two the large batches' format takes over: timed at the batch buckets in between (a
+    # format's time is not linear in the batch: bfloat16 gains the most from larger ones).
+    between = [size for size in batch_buckets(len(largest)) if 1 < size < len(largest)]
+    sizes = {name: {1: timings[name][0], **time_sizes(recommender, formats.get(name), prompts, between),
+                    len(largest): timings[name][1]} for name in (small, large)}
+    from_batch = takeover_batch(sizes[small], sizes[large])
+    for name in (small, large):
+        if name != "float32":
+            formats[name].put_on()
+    recommender.model.inference_batch_sizes = range(1, from_batch) if small in RUNNER_FORMATS else \
+        range(from_batch, EVERY_BATCH_SIZE.stop)
+    return PrecisionChoice(f"{small}+{large}", f"{small} backbone for batches of up to {from_batch - 1} prompts, "
+                           f"{large} from {from_batch} ({shown})", batch1_ms, overlaps, largest_batch_ms, from_batch)
