@@ -66,7 +66,8 @@ class PrecisionChoice:
     # fewer than from_batch prompts, LARGE from there on
     precision: str
     reason: str  # one line for the log
-    batch1_ms: dict[str, float] = field(default_factory=dict)  # median forward time per format tried
+    batch1_ms: dict[str, float] = field(default_factory=dict)  # median forward time of float32 and each format
+    # that ranks as it does (the others are not timed)
     top20_overlap: dict[str, float] = field(default_factory=dict)  # each other format's agreement with float32
     largest_batch_ms: dict[str, float] = field(default_factory=dict)  # median time of the largest batch's pass
     from_batch: int | None = None  # where a split precision's second format takes over
@@ -241,12 +242,14 @@ def choose_backbone_format(recommender: Recommender, max_batch_size: int, spinni
         backbone_format = BackboneFormat(recommender, name, max_batch_size, spinning)
         try:
             backbone_format.put_on()
-            timings[name] = time_both()
             overlaps[name] = top20_overlap(reference, score_in_batches(recommender.model, prompts, max_batch_size))
+            if overlaps[name] >= MIN_TOP20_OVERLAP:  # only a format that may be kept is timed (seconds at 30 layers)
+                timings[name] = time_both()
         except Exception as e:  # a backbone the exporter or a capture cannot take: not a candidate
             log.warning("backbone format %s unavailable: %r", name, e)
             failed.append(name)
             timings.pop(name, None)
+            overlaps.pop(name, None)
             continue
         finally:
             backbone_format.take_off()
@@ -261,7 +264,7 @@ def choose_backbone_format(recommender: Recommender, max_batch_size: int, spinni
     largest_batch_ms = {name: timing[1] for name, timing in timings.items() if len(largest) > 1}
     # PyTorch's float32 and each format that ranks as it does; the fastest at batch 1 serves the small batches
     # (a lone request's latency), the fastest at the largest batch the large ones, where the two can share.
-    kept = ["float32", *(name for name in formats if overlaps[name] >= MIN_TOP20_OVERLAP)]
+    kept = list(timings)
     small = min(kept, key=batch1_ms.get)
     large = min(kept, key=largest_batch_ms.get) if largest_batch_ms else small
     if large == small or not can_share(small, large):

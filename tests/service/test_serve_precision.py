@@ -40,9 +40,9 @@ def test_the_fastest_format_that_ranks_alike_is_kept(tiny_checkpoint, monkeypatc
     reference = score_prompts(recommender.model, prompts)
     choice = choose_backbone_format(recommender, MAX_BATCH_SIZE)
     formats = {*ONNXRUNTIME_FORMATS, *BFLOAT16_FORMATS}
-    assert set(choice.batch1_ms) == set(choice.largest_batch_ms) == {"float32", *formats}
     assert set(choice.top20_overlap) == formats
     kept = ["float32", *(name for name in formats if choice.top20_overlap[name] >= MIN_TOP20_OVERLAP)]
+    assert set(choice.batch1_ms) == set(choice.largest_batch_ms) == set(kept)  # only those that may be kept are timed
     small, *large = choice.precision.split("+")
     assert choice.batch1_ms[small] == min(choice.batch1_ms[name] for name in kept)
     if large:
