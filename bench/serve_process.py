@@ -16,15 +16,16 @@ READY_TIMEOUT_S = 300  # a cold backbone conversion takes about a minute on 2 CP
 
 
 def start_serve(checkpoint: Path, port: int, settings: dict[str, str], log_path: Path,
-                source: Path | None = None) -> subprocess.Popen:
+                source: Path | None = None, entry: tuple[str, ...] = ("-m", "service.cli")) -> subprocess.Popen:
     """The server on 127.0.0.1:port with these CLLM4REC_* settings (none taken from this environment
     but the backbone cache), returned once /readyz answers 200; `source`: a checkout whose code it runs
-    (default: this one). Exits the benchmark with the server's log if the server dies, or after
+    (default: this one); `entry`: Python's arguments before `serve ...` (a script that patches the server
+    first, bench/fixed_cost.py). Exits the benchmark with the server's log if the server dies, or after
     READY_TIMEOUT_S."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLLM4REC_") or k == "CLLM4REC_CACHE_DIR"}
     env.update(settings)
     with log_path.open("w") as log:
-        process = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--checkpoint", str(checkpoint),
+        process = subprocess.Popen([sys.executable, *entry, "serve", "--checkpoint", str(checkpoint),
                                     "--host", "127.0.0.1", "--port", str(port)], env=env, stdout=log,
                                    stderr=subprocess.STDOUT, cwd=source)  # -m imports from its directory first
     deadline = time.monotonic() + READY_TIMEOUT_S
