@@ -267,6 +267,8 @@ def choose_backbone_format(recommender: Recommender, max_batch_size: int, spinni
     kept = list(timings)
     small = min(kept, key=batch1_ms.get)
     large = min(kept, key=largest_batch_ms.get) if largest_batch_ms else small
+    if largest_batch_ms and largest_batch_ms[large] >= largest_batch_ms[small]:  # a tie: no reason to switch
+        large = small
     if large == small or not can_share(small, large):
         if small == "float32":
             return PrecisionChoice("float32", f"float32 backbone, the others were slower or ranked differently ({shown})",

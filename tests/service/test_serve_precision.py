@@ -144,6 +144,15 @@ def test_small_and_large_batches_each_run_their_fastest_format(tiny_checkpoint, 
     torch.testing.assert_close(score_prompts(model, prompts[:4]), by_format[large][1], rtol=0, atol=0)
 
 
+def test_a_server_of_single_prompts_times_batch_1_only(tiny_checkpoint, monkeypatch):
+    """CLLM4REC_MAX_BATCH_SIZE=1: there is no larger batch to time or to give another format."""
+    monkeypatch.setattr(precision, "cpu_has_bf16_units", lambda: True)
+    recommender = load_recommender(tiny_checkpoint, "cpu")
+    choice = choose_backbone_format(recommender, 1)
+    assert "+" not in choice.precision and choice.from_batch is None and not choice.largest_batch_ms
+    assert choice.reason.count("forward") == 1 and "batch-1 forward" in choice.reason
+
+
 def test_formats_share_only_where_neither_changes_the_others_weights():
     assert precision.can_share("float32-onnxruntime", "bfloat16") and precision.can_share("bfloat16-linear",
                                                                                          "float32-onnxruntime")
