@@ -100,7 +100,9 @@ class ServedModel:
     item_json: list[tuple[bytes, bytes]] = field(default_factory=list)
     # Held by a forward pass and by adding live items: the item tables never grow under a pass.
     lock: threading.Lock = field(default_factory=threading.Lock)
-    text_readout: TextReadout | None = None  # a readout head's text term for live items, fitted when first needed
+    # A readout head's text term for live items, fitted at load: fitting it on the first live item held every
+    # request of the replica for a second (docs/benchmarks.md, "Live items without a stall").
+    text_readout: TextReadout | None = None
 
     @classmethod
     def load(cls, checkpoint: Path, settings: Settings) -> ServedModel:
@@ -116,7 +118,8 @@ class ServedModel:
         titles = [title or None for title in recommender.checkpoint.item_titles]
         return cls(recommender, titles, popularity.tolist(), torch.argsort(popularity, descending=True,
                                                                          stable=True).tolist(), precision,
-                   item_json=[item_json(i, t) for i, t in zip(recommender.checkpoint.item_ids, titles)])
+                   item_json=[item_json(i, t) for i, t in zip(recommender.checkpoint.item_ids, titles)],
+                   text_readout=fit_text_readout(recommender))
 
     @property
     def version(self) -> str:
@@ -171,13 +174,8 @@ class ServedModel:
         words = model.backbone.get_input_embeddings().weight.detach().float()
         vectors = [text_vector(words, recommender.space.tokenizer, item.token_text) for item in items]
         vectors = torch.stack([words.mean(0) if vector is None else vector for vector in vectors])
-        catalogue_texts = recommender.checkpoint.item_texts
-        if model.has_head_readout and self.text_readout is None:
-            self.text_readout = TextReadout.fit(model, recommender.space, recommender.checkpoint.split,
-                                                recommender.max_history, catalogue_texts)
-            log.info("live items' text term fitted for model %s: scale %.4g", self.version, self.text_readout.scale)
-        rows = head_rows(model, vectors, text_similarities(catalogue_texts, [item.text for item in items]),
-                         self.text_readout)
+        rows = head_rows(model, vectors, text_similarities(recommender.checkpoint.item_texts,
+                                                           [item.text for item in items]), self.text_readout)
         with self.lock:
             model.add_items(vectors, rows)
             recommender.space.n_items += len(items)
@@ -207,6 +205,20 @@ class ServedModel:
             scores[torch.as_tensor(rows, device=scores.device),
                    torch.as_tensor(columns, device=scores.device)] = -torch.inf
         return top_k(scores, [job.k for job in jobs])
+
+
+def fit_text_readout(recommender: Recommender) -> TextReadout | None:
+    """A readout head's text term for live items (model/placement.py), in the backbone format that serves;
+    None for the other heads, which place live items without one."""
+    if not recommender.model.has_head_readout:
+        return None
+    started = time.perf_counter()
+    checkpoint = recommender.checkpoint
+    text_readout = TextReadout.fit(recommender.model, recommender.space, checkpoint.split, recommender.max_history,
+                                   checkpoint.item_texts)
+    log.info("live items' text term fitted for model %s in %.1f s: scale %.4g", checkpoint.model_version,
+             time.perf_counter() - started, text_readout.scale)
+    return text_readout
 
 
 @dataclass
