@@ -93,10 +93,10 @@ class BackboneFormat:
     """One way of running the backbone, put on and taken off exactly: "bfloat16" converts every parameter
     but the word embeddings (buffers such as the rotary frequencies stay float32: the attention casts its
     rotation to the activations' format), whose lookups are cast to bfloat16 on their way into the blocks
-    instead (the same numbers; the table stays float32 for ONNX Runtime beside it), "bfloat16-linear" swaps the blocks' linear maps for Bfloat16Linear,
-    "float32-onnxruntime" runs the float32 backbone through ONNX Runtime (model/onnx_backbone.py), and
-    "float32-cuda-graphs" replays its passes from CUDA graphs (model/cuda_graphs.py) for batches of up to
-    max_batch_size prompts."""
+    instead (the same numbers; the table stays float32 for ONNX Runtime beside it), "bfloat16-linear"
+    swaps the blocks' linear maps for Bfloat16Linear, "float32-onnxruntime" runs the float32 backbone
+    through ONNX Runtime (model/onnx_backbone.py), and "float32-cuda-graphs" replays its passes from CUDA
+    graphs (model/cuda_graphs.py) for batches of up to max_batch_size prompts."""
 
     def __init__(self, recommender: Recommender, name: str, max_batch_size: int, spinning: bool = False):
         self.name = name
@@ -271,8 +271,8 @@ def choose_backbone_format(recommender: Recommender, max_batch_size: int, spinni
         large = small
     if large == small or not can_share(small, large):
         if small == "float32":
-            return PrecisionChoice("float32", f"float32 backbone, the others were slower or ranked differently ({shown})",
-                                   batch1_ms, overlaps, largest_batch_ms)
+            return PrecisionChoice("float32", "float32 backbone, the others were slower or ranked differently "
+                                   f"({shown})", batch1_ms, overlaps, largest_batch_ms)
         formats[small].put_on()
         return PrecisionChoice(small, f"{small} backbone ({shown})", batch1_ms, overlaps, largest_batch_ms)
     # Where between the two the large batches' format takes over: timed at the batch buckets in between (a
