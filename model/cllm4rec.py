@@ -42,6 +42,24 @@ from model.prompts import Document
 
 COLLAB, CONTENT = "collab", "content"
 EVERY_BATCH_SIZE = range(1, sys.maxsize)
+# Rows an item table keeps spare once items are added after training (CLLM4Rec.add_items): the next ones then
+# take rows in place, where copying the tables took 68 ms an item at amazon-beauty's 12,101 items (the readout's
+# 223 MB, and as much memory again while it copied; docs/benchmarks.md, "Live items without a stall").
+SPARE_ITEM_ROWS = 1024
+
+
+def appended(table: torch.Tensor, rows: torch.Tensor, spare: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    """`table` with `rows` after it: a view of spare[name], a buffer with room for more, written in place when
+    the table is still that buffer's start and the rows fit, else copied into a new buffer with
+    SPARE_ITEM_ROWS rows to spare."""
+    n, k = len(table), len(rows)
+    buffer = spare.get(name)
+    if buffer is None or buffer.data_ptr() != table.data_ptr() or buffer.dtype != table.dtype \
+            or buffer.device != table.device or len(buffer) < n + k:
+        buffer = spare[name] = table.new_empty((n + k + SPARE_ITEM_ROWS, *table.shape[1:]))
+        buffer[:n] = table
+    buffer[n : n + k] = rows.to(buffer)
+    return buffer[: n + k]
 
 
 @dataclass
@@ -195,15 +213,16 @@ class CLLM4Rec(nn.Module):
         """Grow the item vocabulary by len(vectors) items: both views start at `vectors`, the head takes
         `rows` (a tied head its biases alone; model/placement.py chooses them). They are scored from the next
         forward pass on, without retraining."""
-        vectors = vectors.to(self.collab_items.weight)
+        spare = self.__dict__.setdefault("_spare_item_rows", {})  # table name -> the buffer it is a view of
         if self.has_head_offsets:
-            self.head_offsets = nn.Parameter(torch.cat([self.head_offsets, rows.offsets.to(self.head_offsets)]))
-            self.head_readout = nn.Parameter(torch.cat([self.head_readout, rows.readout.to(self.head_readout)]),
+            self.head_offsets = nn.Parameter(appended(self.head_offsets, rows.offsets, spare, "head_offsets"))
+            self.head_readout = nn.Parameter(appended(self.head_readout, rows.readout, spare, "head_readout"),
                                              requires_grad=False)
-        for table in (self.collab_items, self.content_items) if self.content_view else (self.collab_items,):
-            table.weight = nn.Parameter(torch.cat([table.weight, vectors.to(table.weight)]))
+        for name in (COLLAB, CONTENT) if self.content_view else (COLLAB,):
+            table = self.tables(name)[1]
+            table.weight = nn.Parameter(appended(table.weight, vectors, spare, f"{name}_items"))
             table.num_embeddings = table.weight.shape[0]
-        self.item_bias = nn.Parameter(torch.cat([self.item_bias, rows.bias.to(self.item_bias)]))
+        self.item_bias = nn.Parameter(appended(self.item_bias, rows.bias, spare, "item_bias"))
         self.n_items += len(vectors)
 
     def token_mean_columns(self) -> slice:

@@ -90,3 +90,40 @@ def test_a_head_with_offsets_alone_places_an_item_among_its_nearest_texts(tiny_l
     assert torch.allclose(model.collab_items.weight[n] + model.head_offsets[n], outputs[:2].mean(0), atol=1e-5)
     assert torch.allclose(model.collab_items.weight[n + 1] + model.head_offsets[n + 1], outputs.mean(0), atol=1e-5)
     assert torch.allclose(model.item_bias[n:], model.item_bias[:n].mean().expand(2), atol=1e-6)
+
+
+def test_items_added_one_after_another_keep_every_row_and_take_spare_rows_in_place(tiny_llama):
+    """Each addition keeps the catalogue's rows and the earlier additions' exactly and scores as the same
+    tables made whole would; after the first, the tables grow into rows kept spare instead of being copied."""
+    backbone, _ = load_backbone(str(tiny_llama))
+    torch.manual_seed(0)
+    model = CLLM4Rec(backbone, 2, 6, head_offsets=True, head_readout=True)
+    with torch.no_grad():
+        for table in (model.head_offsets, model.head_readout, model.item_bias):
+            table.normal_()
+    before = {name: getattr(model, name).detach().clone() for name in ("head_offsets", "head_readout", "item_bias")}
+    before["items"] = model.collab_items.weight.detach().clone()
+    added = []
+    for round_ in range(3):
+        new = torch.randn(2, model.hidden_size)
+        no_text = TextReadout(torch.zeros(model.hidden_size, 6, dtype=torch.float64),
+                              torch.zeros(model.hidden_size, dtype=torch.float64), 1.0, 0.0)
+        rows = head_rows(model, new, np.zeros((2, 6)), no_text)
+        start = model.head_readout.data_ptr()
+        model.add_items(new, rows)
+        added.append((new, rows))
+        if round_ > 0:
+            assert model.head_readout.data_ptr() == start  # written in place, not copied
+    assert model.n_items == 12 and model.collab_items.num_embeddings == 12
+    assert torch.equal(model.collab_items.weight[:6], before["items"])
+    for name in ("head_offsets", "head_readout", "item_bias"):
+        assert torch.equal(getattr(model, name)[:6], before[name]), name
+    for i, (new, rows) in enumerate(added):
+        assert torch.equal(model.collab_items.weight[6 + 2 * i : 8 + 2 * i], new)
+        assert torch.equal(model.head_readout[6 + 2 * i : 8 + 2 * i], rows.readout.float())
+        assert torch.equal(model.item_bias[6 + 2 * i : 8 + 2 * i], rows.bias.float())
+    hidden = torch.randn(3, model.hidden_size)
+    readout_states = torch.randn(3, model.head_readout.shape[1])
+    whole = (hidden @ model.head_projection.T) @ (model.collab_items.weight + model.head_offsets).clone().T
+    whole = model.logit_scale * whole + model.item_bias.clone() + readout_states @ model.head_readout.clone().T
+    torch.testing.assert_close(model.item_logits(hidden, readout_states), whole.detach())
