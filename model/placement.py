@@ -27,13 +27,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from scipy.optimize import minimize
 
 from model.cllm4rec import CLLM4Rec, HeadRows, inference_autocast, pad
 from model.data import Split
 from model.prompts import TokenSpace, build_recommend_prompt
-from model.teachers import text_matrix
+from model.teachers import text_matrix, tfidf_rows, word_sets
 
 # How many nearest catalogue items a new item's head rows average, for a head with offsets and no readout
 # (measured in docs/benchmarks.md, "Cold start"): enough that one odd title among them does not decide it.
@@ -52,10 +53,23 @@ NEW_ITEM_SHARE = 0.1
 MASKED = -1e30  # the score of a masked new item in the fit: -inf would make an all-masked row's gradient NaN
 
 
-def text_similarities(catalogue_texts: Sequence[str], new_texts: Sequence[str]) -> np.ndarray:
-    """[N, J] tf-idf cosines of each new text to each catalogue text (the teacher's text similarity)."""
-    tfidf = text_matrix([*catalogue_texts, *new_texts])
-    return (tfidf[len(catalogue_texts):] @ tfidf[: len(catalogue_texts)].T).toarray()
+class CatalogueTexts:
+    """The catalogue's texts, tokenized once: a POST /items spent 150 of its 190 ms tokenizing amazon-
+    scientific's 4,344 descriptions again (docs/benchmarks.md, "Live items without a stall")."""
+
+    def __init__(self, texts: Sequence[str]):
+        self.vocabulary: dict[str, int] = {}
+        self.words = word_sets(texts, self.vocabulary)
+
+    def similarities(self, new_texts: Sequence[str]) -> np.ndarray:
+        """[N, J] tf-idf cosines of each new text to each catalogue text (the teacher's text similarity:
+        model.teachers.text_matrix of the catalogue's texts and the new ones together)."""
+        vocabulary = dict(self.vocabulary)  # the new texts' words stay out of the catalogue's own
+        new_words = word_sets(new_texts, vocabulary)
+        catalogue_words = self.words.copy()
+        catalogue_words.resize(self.words.shape[0], len(vocabulary))
+        tfidf = tfidf_rows(sp.vstack([catalogue_words, new_words]).tocsr())
+        return (tfidf[self.words.shape[0]:] @ tfidf[: self.words.shape[0]].T).toarray()
 
 
 def average_rows(model: CLLM4Rec, n_catalogue: int, tokens: torch.Tensor) -> HeadRows:
@@ -70,7 +84,7 @@ def average_rows(model: CLLM4Rec, n_catalogue: int, tokens: torch.Tensor) -> Hea
 
 
 def text_neighbours(similarities: np.ndarray, k: int = NEIGHBOURS) -> list[tuple[np.ndarray, np.ndarray]]:
-    """For each row of text_similarities, (indices, weights) of its k nearest catalogue items, the weights
+    """For each row of CatalogueTexts.similarities, (indices, weights) of its k nearest catalogue items, the weights
     proportional to the cosine and summing to 1; both empty where it shares no word with them."""
     neighbours = []
     for row in similarities:
@@ -195,7 +209,7 @@ def fit_new_items(scores: torch.Tensor, terms: torch.Tensor, averages: torch.Ten
 def head_rows(model: CLLM4Rec, tokens: torch.Tensor, similarities: np.ndarray, text_readout: TextReadout | None
               ) -> HeadRows:
     """New items' rows for this model's head (the table in the module's docstring), from their tokens and
-    text_similarities; a readout head needs its fitted TextReadout."""
+    CatalogueTexts.similarities; a readout head needs its fitted TextReadout."""
     if model.has_head_readout:
         return text_readout.rows(model, tokens, similarities)
     if model.has_head_offsets:

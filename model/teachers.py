@@ -88,15 +88,26 @@ class Teacher:
 def text_matrix(texts: Sequence[str]) -> sp.csr_matrix:
     """[J, words] unit-length tf-idf rows of the item texts; words of one item or of more than
     MAX_WORD_SHARE of the items are left out (no similarity, or no distinction)."""
-    rows, cols, vocabulary = [], [], {}
+    return tfidf_rows(word_sets(texts, {}))
+
+
+def word_sets(texts: Sequence[str], vocabulary: dict[str, int]) -> sp.csr_matrix:
+    """[texts, len(vocabulary)] 1 where the text holds the word; words not in `vocabulary` are added to it
+    (the tokenizing is most of text_matrix's time: model.placement.CatalogueTexts keeps a catalogue's)."""
+    rows, cols = [], []
     for item, text in enumerate(texts):
         for word in set(re.findall(r"\w+", (text or "").lower())):
             rows.append(item)
             cols.append(vocabulary.setdefault(word, len(vocabulary)))
-    counts = sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(texts), len(vocabulary)))
+    return sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(texts), len(vocabulary)))
+
+
+def tfidf_rows(counts: sp.csr_matrix) -> sp.csr_matrix:
+    """text_matrix of texts given by their word_sets."""
+    n_texts = counts.shape[0]
     frequency = np.asarray(counts.sum(axis=0)).ravel()
-    keep = (frequency >= 2) & (frequency <= MAX_WORD_SHARE * len(texts))
-    weighted = counts[:, keep] @ sp.diags(np.log(len(texts) / frequency[keep]))
+    keep = (frequency >= 2) & (frequency <= MAX_WORD_SHARE * n_texts)
+    weighted = counts[:, keep] @ sp.diags(np.log(n_texts / frequency[keep]))
     norms = np.sqrt(np.asarray(weighted.multiply(weighted).sum(axis=1)).ravel())
     return (sp.diags(1 / np.maximum(norms, 1e-12)) @ weighted).tocsr()
 

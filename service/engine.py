@@ -40,7 +40,7 @@ from model.checkpoint import CheckpointError, Recommender, load_recommender
 from model.cllm4rec import score_prompts
 from model.config import ConfigError
 from model.initialise import text_vector
-from model.placement import TextReadout, head_rows, text_similarities
+from model.placement import CatalogueTexts, TextReadout, head_rows
 from model.prompts import build_recommend_prompt
 from service import metrics
 from service.batcher import Batcher
@@ -103,6 +103,7 @@ class ServedModel:
     # A readout head's text term for live items, fitted at load: fitting it on the first live item held every
     # request of the replica for a second (docs/benchmarks.md, "Live items without a stall").
     text_readout: TextReadout | None = None
+    catalogue_texts: CatalogueTexts | None = None  # the trained catalogue's texts, tokenized on the first live item
 
     @classmethod
     def load(cls, checkpoint: Path, settings: Settings) -> ServedModel:
@@ -174,8 +175,10 @@ class ServedModel:
         words = model.backbone.get_input_embeddings().weight.detach().float()
         vectors = [text_vector(words, recommender.space.tokenizer, item.token_text) for item in items]
         vectors = torch.stack([words.mean(0) if vector is None else vector for vector in vectors])
-        rows = head_rows(model, vectors, text_similarities(recommender.checkpoint.item_texts,
-                                                           [item.text for item in items]), self.text_readout)
+        if self.catalogue_texts is None:
+            self.catalogue_texts = CatalogueTexts(recommender.checkpoint.item_texts)
+        rows = head_rows(model, vectors, self.catalogue_texts.similarities([item.text for item in items]),
+                         self.text_readout)
         with self.lock:
             model.add_items(vectors, rows)
             recommender.space.n_items += len(items)

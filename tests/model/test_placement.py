@@ -9,7 +9,7 @@ import torch
 from model.backbone import load_backbone
 from model.cllm4rec import CLLM4Rec, score_prompts
 from model.data import Split
-from model.placement import TextReadout, head_rows, text_neighbours, text_similarities
+from model.placement import CatalogueTexts, TextReadout, head_rows, text_neighbours
 from model.prompts import PromptTemplates, TokenSpace, build_recommend_prompt
 from model.teachers import text_matrix
 
@@ -60,7 +60,7 @@ def test_a_new_item_of_the_prompts_topic_ranks_at_the_top_of_a_text_driven_catal
     tokens = torch.randn(2, model.hidden_size)
     n = len(CATALOGUE)
     new_texts = ["espresso roast grinder", "violin bow rosin"]
-    model.add_items(tokens, head_rows(model, tokens, text_similarities(CATALOGUE, new_texts), text_readout))
+    model.add_items(tokens, head_rows(model, tokens, CatalogueTexts(CATALOGUE).similarities(new_texts), text_readout))
     scores = score_prompts(model, [build_recommend_prompt(space, 0, [0, 14], 10)])[0]  # espresso, a filler
     scores[[0, 14]] = -torch.inf  # the prompt's own, as served
     assert set(torch.argsort(scores, descending=True)[:2].tolist()) == {1, n}  # "espresso roast classic0"
@@ -71,7 +71,8 @@ def test_a_head_with_offsets_alone_places_an_item_among_its_nearest_texts(tiny_l
     """Without a readout there is no text term: a new item whose text shares words with catalogue items gets
     the similarity-weighted mean of their output vectors (its token stays its own); one sharing no word, and
     every new item's bias, the average catalogue item's."""
-    neighbours = text_neighbours(text_similarities(CATALOGUE, ["espresso roast grinder", "violin bow rosin"]), k=3)
+    neighbours = text_neighbours(CatalogueTexts(CATALOGUE).similarities(["espresso roast grinder",
+                                                                          "violin bow rosin"]), k=3)
     (index, weights), (no_index, _) = neighbours
     assert sorted(index.tolist()) == [0, 1] and weights.sum() == pytest.approx(1.0)  # the espresso pair
     assert len(no_index) == 0
@@ -84,8 +85,8 @@ def test_a_head_with_offsets_alone_places_an_item_among_its_nearest_texts(tiny_l
         model.item_bias.normal_()
     outputs = (model.collab_items.weight + model.head_offsets).detach().clone()
     new = torch.randn(2, model.hidden_size)
-    model.add_items(new, head_rows(model, new, text_similarities(CATALOGUE, ["espresso roast grinder",
-                                                                             "violin bow rosin"]), None))
+    similarities = CatalogueTexts(CATALOGUE).similarities(["espresso roast grinder", "violin bow rosin"])
+    model.add_items(new, head_rows(model, new, similarities, None))
     assert torch.equal(model.collab_items.weight[n], new[0])  # the token is its text's
     assert torch.allclose(model.collab_items.weight[n] + model.head_offsets[n], outputs[:2].mean(0), atol=1e-5)
     assert torch.allclose(model.collab_items.weight[n + 1] + model.head_offsets[n + 1], outputs.mean(0), atol=1e-5)
@@ -127,3 +128,15 @@ def test_items_added_one_after_another_keep_every_row_and_take_spare_rows_in_pla
     whole = (hidden @ model.head_projection.T) @ (model.collab_items.weight + model.head_offsets).clone().T
     whole = model.logit_scale * whole + model.item_bias.clone() + readout_states @ model.head_readout.clone().T
     torch.testing.assert_close(model.item_logits(hidden, readout_states), whole.detach())
+
+
+def test_the_catalogue_tokenized_once_gives_the_teachers_similarities_call_after_call():
+    """CatalogueTexts keeps the catalogue's words between additions: each call's cosines are text_matrix's
+    over the catalogue and that call's texts together, whatever words earlier calls brought."""
+    catalogue = CatalogueTexts(CATALOGUE)
+    for new_texts in (["espresso roast grinder", "violin bow rosin"], ["violin bow case", "yoga mat bag"],
+                      ["espresso roast grinder"]):
+        tfidf = text_matrix([*CATALOGUE, *new_texts])
+        expected = (tfidf[len(CATALOGUE):] @ tfidf[: len(CATALOGUE)].T).toarray()
+        np.testing.assert_allclose(catalogue.similarities(new_texts), expected, rtol=1e-12, atol=1e-12)
+    assert "violin" not in catalogue.vocabulary
