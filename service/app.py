@@ -29,6 +29,7 @@ from fastapi import FastAPI
 from model.config import ConfigError
 from service.engine import Engine, ServedModel, model_device
 from service.errors import install_error_handlers
+from service.heap import freeze_long_lived
 from service.histories import open_history_store
 from service.middleware import BodySizeLimit, RequestMetrics
 from service.routes import admin, health, histories, interactions, items, recommend
@@ -79,6 +80,7 @@ async def lifespan(app: FastAPI):
         if settings.seed_histories:
             seeding = asyncio.create_task(keep_seeded(engine, settings.seed_check_interval_s))
         await engine.warm_up()
+        freeze_long_lived()
         app.state.engine = engine
         log.info("%s; ready in %.1f s", describe(engine), time.perf_counter() - started)
         yield

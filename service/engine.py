@@ -45,6 +45,7 @@ from model.prompts import build_recommend_prompt
 from service import metrics
 from service.batcher import Batcher
 from service.catalogue import Catalogue, CatalogueState, LiveItem
+from service.heap import freeze_long_lived
 from service.histories import HistoryStore, seed_from_checkpoint
 from service.precision import PrecisionChoice, choose_backbone_format
 from service.schemas import (ErasureResponse, HistoryResponse, InteractionsResponse, ItemResponse,
@@ -335,6 +336,7 @@ class Engine:
             model.publish_info()
             metrics.reloads.labels("ok").inc()
             await self.seed_histories()  # users new in this checkpoint get their training histories
+            freeze_long_lived()  # the old model, its last jobs done by now, is collected; the new one frozen
             seconds = time.perf_counter() - started
             log.info("reloaded: serving %s (model %s, was %s), loaded in %.1f s", checkpoint, model.version,
                      previous, seconds)
