@@ -18,8 +18,6 @@ import argparse
 import asyncio
 import statistics
 import sys
-import tempfile
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -48,9 +46,8 @@ def instant_server(argv: list[str]) -> int:
 
 
 def main() -> None:
-    from model.checkpoint import read_checkpoint
     from serve_latency import MS, load
-    from serve_process import delete_keys, start_serve, stop_serve
+    from serve_process import serving, trained_users
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, required=True)
@@ -62,31 +59,22 @@ def main() -> None:
                         help="the instant model sleeps this long per batch first: the threads then wait as "
                              "around a real pass, without its computation")
     args = parser.parse_args()
-    checkpoint = read_checkpoint(args.checkpoint, scoring_only=True)
-    users = [checkpoint.user_ids[u] for u, items in enumerate(checkpoint.split.train) if len(items)]
+    users = trained_users(args.checkpoint)
     rng = np.random.default_rng(0)
     print(f"{args.checkpoint}, instant model (sleeping {args.sleep_ms:g} ms a batch): median ms of "
           f"{args.requests} concurrency-1 requests per round")
-    for store, redis_url in (("in-process", ""), ("Redis", args.redis_url)):
-        prefix = f"bench-{uuid.uuid4().hex[:8]}:"
-        with tempfile.TemporaryDirectory() as tmp:
-            # CLLM4REC_DTYPE=float32: nothing to choose, the model never runs
-            server = start_serve(args.checkpoint.resolve(), args.port, {
-                "CLLM4REC_REDIS_URL": redis_url, "CLLM4REC_REDIS_KEY_PREFIX": prefix, "CLLM4REC_DTYPE": "float32",
-                SLEEP_VARIABLE: str(args.sleep_ms)},
-                Path(tmp) / "server.log", entry=(__file__, INSTANT_SERVER))
-            try:
-                url = f"http://127.0.0.1:{args.port}"
-                asyncio.run(load(url, [{"user_id": user, "k": 10} for user in users[:32]], 1))  # warm-up
-                medians = []
-                for _ in range(args.rounds):
-                    bodies = [{"user_id": user, "k": 10} for user in rng.choice(users, args.requests)]
-                    latencies, _ = asyncio.run(load(url, bodies, 1))
-                    medians.append(MS * statistics.median(latencies))
-            finally:
-                stop_serve(server)
-                if redis_url:
-                    delete_keys(redis_url, prefix)
+    for store, redis_url in (("in-process", None), ("Redis", args.redis_url)):
+        # CLLM4REC_DTYPE=float32: nothing to choose, the model never runs
+        with serving(args.checkpoint.resolve(), args.port, {"CLLM4REC_DTYPE": "float32",
+                                                            SLEEP_VARIABLE: str(args.sleep_ms)},
+                     redis_url, entry=(__file__, INSTANT_SERVER)):
+            url = f"http://127.0.0.1:{args.port}"
+            asyncio.run(load(url, [{"user_id": user, "k": 10} for user in users[:32]], 1))  # warm-up
+            medians = []
+            for _ in range(args.rounds):
+                bodies = [{"user_id": user, "k": 10} for user in rng.choice(users, args.requests)]
+                latencies, _ = asyncio.run(load(url, bodies, 1))
+                medians.append(MS * statistics.median(latencies))
         print(f"{store:>11} history store: " + ", ".join(f"{median:.3f}" for median in medians) + " ms")
 
 

@@ -15,16 +15,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import tempfile
 import time
 import uuid
 from pathlib import Path
 
 import httpx
 
-from model.checkpoint import read_checkpoint
 from serve_latency import MS, Connection
-from serve_process import delete_keys, start_serve, stop_serve
+from serve_process import serving, trained_users
 
 SLOW_MS = 100
 
@@ -68,17 +66,9 @@ def main() -> None:
     parser.add_argument("--every", type=float, default=3.0, help="seconds before each item is added")
     parser.add_argument("--port", type=int, default=8781)
     args = parser.parse_args()
-    checkpoint = read_checkpoint(args.checkpoint, scoring_only=True)
-    users = [checkpoint.user_ids[u] for u, items in enumerate(checkpoint.split.train) if len(items)]
-    prefix = f"bench-{uuid.uuid4().hex[:8]}:"
-    with tempfile.TemporaryDirectory() as tmp:
-        server = start_serve(args.checkpoint.resolve(), args.port, {
-            "CLLM4REC_REDIS_URL": args.redis_url, "CLLM4REC_REDIS_KEY_PREFIX": prefix}, Path(tmp) / "server.log")
-        try:
-            asyncio.run(drive(f"http://127.0.0.1:{args.port}", users, args.items, args.every))
-        finally:
-            stop_serve(server)
-            delete_keys(args.redis_url, prefix)
+    users = trained_users(args.checkpoint)
+    with serving(args.checkpoint.resolve(), args.port, {}, args.redis_url):
+        asyncio.run(drive(f"http://127.0.0.1:{args.port}", users, args.items, args.every))
 
 
 if __name__ == "__main__":

@@ -24,17 +24,16 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the server does (servi
 
 import argparse  # noqa: E402  (the imports below come after the environment is set)
 import asyncio
+import contextlib
 import statistics
 import subprocess
 import tempfile
-import uuid
 from pathlib import Path
 
 import numpy as np
 
-from model.checkpoint import read_checkpoint
 from serve_latency import MS, load, server_sums
-from serve_process import delete_keys, start_serve, stop_serve
+from serve_process import serving, trained_users
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 
@@ -46,6 +45,12 @@ def check_out(revision: str, into: Path) -> Path:
     subprocess.run(["git", "-C", str(REPOSITORY), "worktree", "add", "--detach", "--quiet", str(into), revision],
                    check=True)
     return into
+
+
+def remove_worktrees(trees: list[Path]) -> None:
+    for tree in trees:
+        if tree != REPOSITORY:
+            subprocess.run(["git", "-C", str(REPOSITORY), "worktree", "remove", "--force", str(tree)], check=False)
 
 
 def block(url: str, bodies: list[dict]) -> tuple[float, float, float]:
@@ -68,36 +73,26 @@ def main() -> None:
     args = parser.parse_args()
     if len(args.rev) < 2:
         parser.error("compare two or more --rev")
-    checkpoint = read_checkpoint(args.checkpoint, scoring_only=True)
-    users = [checkpoint.user_ids[u] for u, items in enumerate(checkpoint.split.train) if len(items)]
+    users = trained_users(args.checkpoint)
     rng = np.random.default_rng(0)
-    prefix = f"bench-{uuid.uuid4().hex[:8]}:"
-    servers, urls, trees = [], [], []
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            for i, revision in enumerate(args.rev):
-                trees.append(check_out(revision, Path(tmp) / f"rev-{i}"))
-                port = args.port + i
-                servers.append(start_serve(args.checkpoint.resolve(), port, {
-                    "CLLM4REC_REDIS_URL": args.redis_url, "CLLM4REC_REDIS_KEY_PREFIX": prefix,
-                    "CLLM4REC_TORCH_THREADS": str(args.threads)}, Path(tmp) / f"server-{i}.log", trees[-1]))
-                urls.append(f"http://127.0.0.1:{port}")
-            results: list[list[tuple[float, float, float]]] = [[] for _ in urls]
-            for url in urls:  # warm the connections and caches
-                asyncio.run(load(url, [{"user_id": user, "k": 10} for user in users[:16]], 1))
-            for round_ in range(args.rounds):
-                order = list(range(len(urls)))[:: 1 if round_ % 2 == 0 else -1]
-                for i in order:
-                    bodies = [{"user_id": user, "k": 10} for user in rng.choice(users, args.block)]
-                    results[i].append(block(urls[i], bodies))
-        finally:
-            for server in servers:
-                stop_serve(server)
-            for tree in trees:
-                if tree != REPOSITORY:
-                    subprocess.run(["git", "-C", str(REPOSITORY), "worktree", "remove", "--force", str(tree)],
-                                   check=False)
-            delete_keys(args.redis_url, prefix)
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as servers:
+        trees = []
+        servers.callback(remove_worktrees, trees)  # after the servers have stopped
+        urls = []
+        for i, revision in enumerate(args.rev):
+            trees.append(check_out(revision, Path(tmp) / f"rev-{i}"))
+            port = args.port + i
+            servers.enter_context(serving(args.checkpoint.resolve(), port,
+                                          {"CLLM4REC_TORCH_THREADS": str(args.threads)}, args.redis_url, trees[-1]))
+            urls.append(f"http://127.0.0.1:{port}")
+        results: list[list[tuple[float, float, float]]] = [[] for _ in urls]
+        for url in urls:  # warm the connections and caches
+            asyncio.run(load(url, [{"user_id": user, "k": 10} for user in users[:16]], 1))
+        for round_ in range(args.rounds):
+            order = list(range(len(urls)))[:: 1 if round_ % 2 == 0 else -1]
+            for i in order:
+                bodies = [{"user_id": user, "k": 10} for user in rng.choice(users, args.block)]
+                results[i].append(block(urls[i], bodies))
     print(f"{args.checkpoint}: {args.rounds} rounds of {args.block} concurrency-1 requests to each server in turn")
     print(f"{'revision':>24} {'overhead ms (median)':>21} {'spread (min-max)':>22} {'p50 ms':>8} {'forward ms':>11}")
     for revision, rows in zip(args.rev, results):

@@ -43,9 +43,7 @@ import asyncio
 import json
 import inspect
 import platform
-import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import httpx
@@ -57,7 +55,7 @@ from model.checkpoint import Recommender
 from model.cllm4rec import COLLAB, inference_autocast
 from service.engine import ScoreJob, ServedModel
 from service.settings import Settings
-from serve_process import delete_keys, start_serve, stop_serve
+from serve_process import serving
 
 MS = 1000.0
 
@@ -314,48 +312,39 @@ def main() -> None:
           f"{meta['n_users']} users, {meta['n_items']} items; prompts {np.mean([len(p) for p in prompts]):.1f} tokens "
           f"on average; k={args.k}; server max batch {args.max_batch_size}, max wait {args.max_wait_ms:g} ms")
 
-    prefix = f"bench-{uuid.uuid4().hex[:8]}:"
     port = args.port
     rows, breakdown, bare_beside, batched = [], {}, [], None
-    with tempfile.TemporaryDirectory() as tmp:
-        store_env = {"CLLM4REC_REDIS_URL": args.redis_url, "CLLM4REC_REDIS_KEY_PREFIX": prefix} \
-            if args.redis_url else {}
-        server = start_serve(args.checkpoint, port, {
-            **store_env, "CLLM4REC_TORCH_THREADS": str(args.threads), "CLLM4REC_DTYPE": args.dtype,
+    with serving(args.checkpoint, port, {
+            "CLLM4REC_TORCH_THREADS": str(args.threads), "CLLM4REC_DTYPE": args.dtype,
             "CLLM4REC_MAX_BATCH_SIZE": str(args.max_batch_size), "CLLM4REC_MAX_WAIT_MS": str(args.max_wait_ms),
-            "CLLM4REC_QUEUE_SIZE": "1024"}, Path(tmp) / "server.log")
+            "CLLM4REC_QUEUE_SIZE": "1024"}, args.redis_url):
         url = f"http://127.0.0.1:{port}"
-        try:
-            asyncio.run(load(url, bodies[: min(16, len(bodies))], 1))  # warm the connections and caches
-            bare_forward(served, jobs[:4], 1)  # warm-up
-            for concurrency in args.concurrency:
-                before = server_sums(url)
-                if concurrency == 1:
-                    latencies, wall, bare_beside = asyncio.run(load_beside_bare(url, bodies, served, jobs))
-                else:
-                    latencies, wall = asyncio.run(load(url, bodies, concurrency))
-                after = server_sums(url)
-                batches = max(after["batch_count"] - before["batch_count"], 1)
-                mean_batch = (after["batch_sum"] - before["batch_sum"]) / batches
-                rows.append((concurrency, *percentiles(latencies), len(latencies) / wall, mean_batch))
-                if concurrency == 1:  # where a lone request's time goes, means per request (ms)
-                    breakdown = {key: MS * (after[key] - before[key]) / len(latencies) for key in SERVER_TIMES}
-                    breakdown["client_ms"] = MS * float(np.mean(latencies))
-                    breakdown["in_server_outside_model_ms"] = breakdown["server_ms"] - breakdown["forward_ms"] \
-                        - breakdown["queue_wait_ms"] - breakdown["redis_ms"]
-                    breakdown["client_and_transport_ms"] = breakdown["client_ms"] - breakdown["server_ms"]
-            if args.batch_users:  # 4 x --requests recommendations, --batch-users to a request
-                users = [bodies[i % len(bodies)] for i in range(4 * args.requests)]
-                batch_bodies = [{"requests": users[start : start + args.batch_users]}
-                                for start in range(0, len(users), args.batch_users)]
-                latencies, wall = asyncio.run(load(url, batch_bodies, args.batch_concurrency, "/recommend/batch"))
-                batched = {"users_per_request": args.batch_users, "concurrency": args.batch_concurrency,
-                           "p50_ms": round(percentiles(latencies)[0], 2),
-                           "recommendations_per_s": round(len(users) / wall, 1)}
-        finally:
-            stop_serve(server)
-            if args.redis_url:
-                delete_keys(args.redis_url, prefix)
+        asyncio.run(load(url, bodies[: min(16, len(bodies))], 1))  # warm the connections and caches
+        bare_forward(served, jobs[:4], 1)  # warm-up
+        for concurrency in args.concurrency:
+            before = server_sums(url)
+            if concurrency == 1:
+                latencies, wall, bare_beside = asyncio.run(load_beside_bare(url, bodies, served, jobs))
+            else:
+                latencies, wall = asyncio.run(load(url, bodies, concurrency))
+            after = server_sums(url)
+            batches = max(after["batch_count"] - before["batch_count"], 1)
+            mean_batch = (after["batch_sum"] - before["batch_sum"]) / batches
+            rows.append((concurrency, *percentiles(latencies), len(latencies) / wall, mean_batch))
+            if concurrency == 1:  # where a lone request's time goes, means per request (ms)
+                breakdown = {key: MS * (after[key] - before[key]) / len(latencies) for key in SERVER_TIMES}
+                breakdown["client_ms"] = MS * float(np.mean(latencies))
+                breakdown["in_server_outside_model_ms"] = breakdown["server_ms"] - breakdown["forward_ms"] \
+                    - breakdown["queue_wait_ms"] - breakdown["redis_ms"]
+                breakdown["client_and_transport_ms"] = breakdown["client_ms"] - breakdown["server_ms"]
+        if args.batch_users:  # 4 x --requests recommendations, --batch-users to a request
+            users = [bodies[i % len(bodies)] for i in range(4 * args.requests)]
+            batch_bodies = [{"requests": users[start : start + args.batch_users]}
+                            for start in range(0, len(users), args.batch_users)]
+            latencies, wall = asyncio.run(load(url, batch_bodies, args.batch_concurrency, "/recommend/batch"))
+            batched = {"users_per_request": args.batch_users, "concurrency": args.batch_concurrency,
+                       "p50_ms": round(percentiles(latencies)[0], 2),
+                       "recommendations_per_s": round(len(users) / wall, 1)}
 
     out("\nover HTTP (POST /recommend, history from Redis, micro-batched):")
     out(f"{'concurrency':>11} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'req/s':>8} {'mean batch':>11}")

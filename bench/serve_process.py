@@ -2,21 +2,51 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import redis
 
+from model.checkpoint import read_checkpoint
+
 READY_TIMEOUT_S = 300  # a cold backbone conversion takes about a minute on 2 CPUs
+SERVE_ENTRY = ("-m", "service.cli")
+
+
+@contextlib.contextmanager
+def serving(checkpoint: Path, port: int, settings: dict[str, str], redis_url: str | None = None,
+            source: Path | None = None, entry: tuple[str, ...] = SERVE_ENTRY) -> Iterator[subprocess.Popen]:
+    """start_serve with its log in a temporary folder and, given redis_url, that Redis under a key prefix of
+    its own; on leaving, stop_serve and the prefix's keys deleted."""
+    prefix = f"bench-{uuid.uuid4().hex[:8]}:"
+    store = {"CLLM4REC_REDIS_URL": redis_url, "CLLM4REC_REDIS_KEY_PREFIX": prefix} if redis_url else {}
+    with tempfile.TemporaryDirectory() as tmp:
+        process = start_serve(checkpoint, port, {**store, **settings}, Path(tmp) / "server.log", source, entry)
+        try:
+            yield process
+        finally:
+            stop_serve(process)
+            if redis_url:
+                delete_keys(redis_url, prefix)
+
+
+def trained_users(checkpoint: Path) -> list[str]:
+    """The ids of the checkpoint's users with training items (histories to recommend from once seeded)."""
+    read = read_checkpoint(checkpoint, scoring_only=True)
+    return [read.user_ids[u] for u, items in enumerate(read.split.train) if len(items)]
 
 
 def start_serve(checkpoint: Path, port: int, settings: dict[str, str], log_path: Path,
-                source: Path | None = None, entry: tuple[str, ...] = ("-m", "service.cli")) -> subprocess.Popen:
+                source: Path | None = None, entry: tuple[str, ...] = SERVE_ENTRY) -> subprocess.Popen:
     """The server on 127.0.0.1:port with these CLLM4REC_* settings (none taken from this environment
     but the backbone cache), returned once /readyz answers 200; `source`: a checkout whose code it runs
     (default: this one); `entry`: Python's arguments before `serve ...` (a script that patches the server

@@ -25,7 +25,6 @@ import argparse  # noqa: E402  (the imports below come after the environment is 
 import asyncio
 import json
 import sys
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +33,7 @@ from urllib.parse import urlsplit
 import numpy as np
 import psutil
 
-from serve_process import start_serve, stop_serve
+from serve_process import serving
 
 MS = 1000.0
 
@@ -207,22 +206,17 @@ def main() -> int:
     url = f"http://127.0.0.1:{args.port}"
     print(f"load average {os.getloadavg()[0]:.2f} at start; {os.cpu_count()} CPUs; checkpoint {args.checkpoint}; "
           f"server queue {args.queue_size}, max batch {args.max_batch_size}, {args.threads} torch threads")
-    with tempfile.TemporaryDirectory() as tmp:
-        server = start_serve(args.checkpoint, args.port, {
+    with serving(args.checkpoint, args.port, {
             "CLLM4REC_TORCH_THREADS": str(args.threads), "CLLM4REC_QUEUE_SIZE": str(args.queue_size),
-            "CLLM4REC_MAX_BATCH_SIZE": str(args.max_batch_size), "CLLM4REC_LOG_LEVEL": "warning"},
-            Path(tmp) / "server.log")
-        try:
-            capacity = asyncio.run(closed_loop(url, bodies, args.concurrency, 5.0))
-            rate = args.factor * capacity
-            print(f"capacity {capacity:.1f} requests/s (closed loop, {args.concurrency} clients); "
-                  f"soak at {rate:.1f} requests/s for {args.duration:g} s, at most {args.max_requests} requests")
-            asyncio.run(open_loop(url, bodies, rate, 1.0, args.max_requests))  # warm-up at the soak rate
-            rss_before = rss_mib(server.pid)
-            result = asyncio.run(open_loop(url, bodies, rate, args.duration, args.max_requests))
-            rss_after = rss_mib(server.pid)
-        finally:
-            stop_serve(server)
+            "CLLM4REC_MAX_BATCH_SIZE": str(args.max_batch_size), "CLLM4REC_LOG_LEVEL": "warning"}) as server:
+        capacity = asyncio.run(closed_loop(url, bodies, args.concurrency, 5.0))
+        rate = args.factor * capacity
+        print(f"capacity {capacity:.1f} requests/s (closed loop, {args.concurrency} clients); "
+              f"soak at {rate:.1f} requests/s for {args.duration:g} s, at most {args.max_requests} requests")
+        asyncio.run(open_loop(url, bodies, rate, 1.0, args.max_requests))  # warm-up at the soak rate
+        rss_before = rss_mib(server.pid)
+        result = asyncio.run(open_loop(url, bodies, rate, args.duration, args.max_requests))
+        rss_after = rss_mib(server.pid)
     summary = result.summary()
     summary.update(capacity_per_s=round(capacity, 1), rss_before_mib=round(rss_before, 1),
                    rss_after_mib=round(rss_after, 1))
