@@ -22,7 +22,6 @@ asked for explicitly. Measured choices: docs/benchmarks.md ("Precision of the se
 from __future__ import annotations
 
 import logging
-import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -172,17 +171,11 @@ def takeover_batch(small: dict[int, float], large: dict[int, float]) -> int:
     return min(size for size in small if large[size] < small[size])
 
 
-def time_sizes(recommender: Recommender, backbone_format: BackboneFormat | None, prompts: list[list[int]],
-               sizes: list[int]) -> dict[int, float]:
-    """Batch size -> the median ms of a pass of the first that many prompts in this format (None: PyTorch's
-    float32), put on for the timing and taken off."""
-    if backbone_format is not None:
-        backbone_format.put_on()
-    try:
-        return {size: median_ms(recommender, prompts[:size], 1, LARGEST_BATCH_REPEATS) for size in sizes}
-    finally:
-        if backbone_format is not None:
-            backbone_format.take_off()
+def time_sizes(recommender: Recommender, prompts: list[list[int]], sizes: list[int]) -> dict[int, float]:
+    """Batch size -> the median ms of a pass of the first that many prompts in the format that is on: batch 1
+    with median_ms's defaults, larger batches LARGEST_BATCH_REPEATS times after one."""
+    return {size: median_ms(recommender, prompts[:1]) if size == 1 else
+            median_ms(recommender, prompts[:size], 1, LARGEST_BATCH_REPEATS) for size in sizes}
 
 
 def can_share(first: str, second: str) -> bool:
@@ -230,13 +223,9 @@ def choose_backbone_format(recommender: Recommender, max_batch_size: int, spinni
     if not prompts:
         return PrecisionChoice("float32", "no training users to compare the formats on")
     reference = score_in_batches(recommender.model, prompts, max_batch_size)
-    largest = prompts[:max_batch_size]
-
-    def time_both() -> tuple[float, float]:
-        return median_ms(recommender, prompts[:1]), \
-            median_ms(recommender, largest, 1, LARGEST_BATCH_REPEATS) if len(largest) > 1 else math.nan
-
-    timings, overlaps, failed = {"float32": time_both()}, {}, []
+    largest = len(prompts[:max_batch_size])
+    ends = sorted({1, largest})  # the batch sizes every format that may be kept is timed at
+    timings, overlaps, failed = {"float32": time_sizes(recommender, prompts, ends)}, {}, []
     formats = {}
     for name in candidate_formats(recommender.model):
         backbone_format = BackboneFormat(recommender, name, max_batch_size, spinning)
@@ -244,24 +233,23 @@ def choose_backbone_format(recommender: Recommender, max_batch_size: int, spinni
             backbone_format.put_on()
             overlaps[name] = top20_overlap(reference, score_in_batches(recommender.model, prompts, max_batch_size))
             if overlaps[name] >= MIN_TOP20_OVERLAP:  # only a format that may be kept is timed (seconds at 30 layers)
-                timings[name] = time_both()
+                timings[name] = time_sizes(recommender, prompts, ends)
         except Exception as e:  # a backbone the exporter or a capture cannot take: not a candidate
             log.warning("backbone format %s unavailable: %r", name, e)
             failed.append(name)
-            timings.pop(name, None)
             overlaps.pop(name, None)
             continue
         finally:
             backbone_format.take_off()
         formats[name] = backbone_format
-    shown = "; ".join(f"batch-{size} forward " + ", ".join(f"{timings[name][column]:.1f} ms {name}" for name in timings)
-                      for column, size in enumerate((1, len(largest))) if column == 0 or len(largest) > 1) \
+    shown = "; ".join(f"batch-{size} forward " + ", ".join(f"{timings[name][size]:.1f} ms {name}" for name in timings)
+                      for size in ends) \
         + "; top 20 shared " + ", ".join(f"{overlaps[name]:.3f} {name}" for name in overlaps) \
         + ("; float32 weights computing in bfloat16 (autocast)" if on_cuda else
            "" if cpu_has_bf16_units() else f"; no bfloat16 units ({' or '.join(BF16_CPU_FLAGS)})") \
         + "".join(f"; {name} failed" for name in failed)
-    batch1_ms = {name: timing[0] for name, timing in timings.items()}
-    largest_batch_ms = {name: timing[1] for name, timing in timings.items() if len(largest) > 1}
+    batch1_ms = {name: timing[1] for name, timing in timings.items()}
+    largest_batch_ms = {name: timing[largest] for name, timing in timings.items()} if largest > 1 else {}
     # PyTorch's float32 and each format that ranks as it does; the fastest at batch 1 serves the small batches
     # (a lone request's latency), the fastest at the largest batch the large ones, where the two can share.
     kept = list(timings)
@@ -277,10 +265,16 @@ def choose_backbone_format(recommender: Recommender, max_batch_size: int, spinni
         return PrecisionChoice(small, f"{small} backbone ({shown})", batch1_ms, overlaps, largest_batch_ms)
     # Where between the two the large batches' format takes over: timed at the batch buckets in between (a
     # format's time is not linear in the batch: bfloat16 gains the most from larger ones).
-    between = [size for size in batch_buckets(len(largest)) if 1 < size < len(largest)]
-    sizes = {name: {1: timings[name][0], **time_sizes(recommender, formats.get(name), prompts, between),
-                    len(largest): timings[name][1]} for name in (small, large)}
-    from_batch = takeover_batch(sizes[small], sizes[large])
+    between = [size for size in batch_buckets(largest) if 1 < size < largest]
+    for name in (small, large):
+        if name in formats:
+            formats[name].put_on()
+        try:
+            timings[name].update(time_sizes(recommender, prompts, between))
+        finally:
+            if name in formats:
+                formats[name].take_off()
+    from_batch = takeover_batch(timings[small], timings[large])
     for name in (small, large):
         if name != "float32":
             formats[name].put_on()
