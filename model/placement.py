@@ -34,7 +34,7 @@ from scipy.optimize import minimize
 from model.cllm4rec import CLLM4Rec, HeadRows, inference_autocast, pad
 from model.data import Split
 from model.prompts import TokenSpace, build_recommend_prompt
-from model.teachers import text_matrix, tfidf_rows, word_sets
+from model.teachers import tfidf_rows, word_sets
 
 # How many nearest catalogue items a new item's head rows average, for a head with offsets and no readout
 # (measured in docs/benchmarks.md, "Cold start"): enough that one odd title among them does not decide it.
@@ -70,6 +70,10 @@ class CatalogueTexts:
         catalogue_words.resize(self.words.shape[0], len(vocabulary))
         tfidf = tfidf_rows(sp.vstack([catalogue_words, new_words]).tocsr())
         return (tfidf[self.words.shape[0]:] @ tfidf[: self.words.shape[0]].T).toarray()
+
+    def matrix(self) -> sp.csr_matrix:
+        """The catalogue's own tf-idf rows (model.teachers.text_matrix of its texts)."""
+        return tfidf_rows(self.words)
 
 
 def average_rows(model: CLLM4Rec, n_catalogue: int, tokens: torch.Tensor) -> HeadRows:
@@ -121,17 +125,17 @@ class TextReadout:
 
     @classmethod
     @torch.no_grad()
-    def fit(cls, model: CLLM4Rec, space: TokenSpace, split: Split, max_history: int, catalogue_texts: Sequence[str],
+    def fit(cls, model: CLLM4Rec, space: TokenSpace, split: Split, max_history: int, catalogue: CatalogueTexts,
             seed: int = 0) -> TextReadout:
-        """From the model's first len(catalogue_texts) items (the trained catalogue) and a sample of the users
+        """From the model's first len(catalogue's texts) items (the trained catalogue) and a sample of the users
         with validation items: the served prompt of their training items, their validation items scored as
         if they were new (model/placement.py's docstring)."""
-        n = len(catalogue_texts)
+        tfidf = catalogue.matrix()
+        n = tfidf.shape[0]
         tokens = model.collab_items.weight[:n].detach().double()
         gram = tokens.T @ tokens
         gram.diagonal().add_(PROJECTION_RIDGE * float(gram.diagonal().mean()))
         projection = torch.linalg.solve(gram, tokens.T)
-        tfidf = text_matrix(catalogue_texts)
         self_similarity = np.asarray(tfidf.multiply(tfidf).sum(axis=1)).ravel()  # 1, or 0 for an empty text
 
         def text_terms(weights: np.ndarray) -> np.ndarray:

@@ -104,7 +104,9 @@ class ServedModel:
     # A readout head's text term for live items, fitted at load: fitting it on the first live item held every
     # request of the replica for a second (docs/benchmarks.md, "Live items without a stall").
     text_readout: TextReadout | None = None
-    catalogue_texts: CatalogueTexts | None = None  # the trained catalogue's texts, tokenized on the first live item
+    # The trained catalogue's texts, tokenized at load for a readout head (its text term's fit reads them), else
+    # on the first live item.
+    catalogue_texts: CatalogueTexts | None = None
 
     @classmethod
     def load(cls, checkpoint: Path, settings: Settings) -> ServedModel:
@@ -118,10 +120,11 @@ class ServedModel:
             precision = PrecisionChoice(settings.dtype, f"CLLM4REC_DTYPE={settings.dtype}")
         popularity = torch.as_tensor(recommender.popularity, dtype=torch.float32)
         titles = [title or None for title in recommender.checkpoint.item_titles]
+        texts = CatalogueTexts(recommender.checkpoint.item_texts) if recommender.model.has_head_readout else None
         return cls(recommender, titles, popularity.tolist(), torch.argsort(popularity, descending=True,
                                                                          stable=True).tolist(), precision,
                    item_json=[item_json(i, t) for i, t in zip(recommender.checkpoint.item_ids, titles)],
-                   text_readout=fit_text_readout(recommender))
+                   text_readout=None if texts is None else fit_text_readout(recommender, texts), catalogue_texts=texts)
 
     @property
     def version(self) -> str:
@@ -211,15 +214,13 @@ class ServedModel:
         return top_k(scores, [job.k for job in jobs])
 
 
-def fit_text_readout(recommender: Recommender) -> TextReadout | None:
-    """A readout head's text term for live items (model/placement.py), in the backbone format that serves;
-    None for the other heads, which place live items without one."""
-    if not recommender.model.has_head_readout:
-        return None
+def fit_text_readout(recommender: Recommender, catalogue: CatalogueTexts) -> TextReadout:
+    """A readout head's text term for live items (model/placement.py), in the backbone format that serves (the
+    other heads place live items without one)."""
     started = time.perf_counter()
     checkpoint = recommender.checkpoint
     text_readout = TextReadout.fit(recommender.model, recommender.space, checkpoint.split, recommender.max_history,
-                                   checkpoint.item_texts)
+                                   catalogue)
     log.info("live items' text term fitted for model %s in %.1f s: scale %.4g", checkpoint.model_version,
              time.perf_counter() - started, text_readout.scale)
     return text_readout

@@ -55,7 +55,7 @@ def test_a_new_item_of_the_prompts_topic_ranks_at_the_top_of_a_text_driven_catal
     ranks with the prompt topic's catalogue item at the top, and one sharing no word with the catalogue
     ranks below that item."""
     model, space, split = text_recommender(tiny_llama, gain=3.0)
-    text_readout = TextReadout.fit(model, space, split, 10, CATALOGUE)
+    text_readout = TextReadout.fit(model, space, split, 10, CatalogueTexts(CATALOGUE))
     assert text_readout.scale > 0
     tokens = torch.randn(2, model.hidden_size)
     n = len(CATALOGUE)
