@@ -68,8 +68,8 @@ class Settings(BaseSettings):
         "auto", description="weights of the backbone and embeddings; auto: float32 weights, the backbone run "
         "the fastest way that measures at load with the same top 20 (service/precision.py): on CUDA computing in "
         "bfloat16 (autocast, as in training), eager or from CUDA graphs; on a CPU PyTorch's float32, ONNX "
-        "Runtime's float32 or, with bfloat16 units, a bfloat16 format; float16/bfloat16: all weights in half "
-        "precision")
+        "Runtime's float32 or, with bfloat16 units, a bfloat16 format (small and large batches may each get their "
+        "own); float16/bfloat16: all weights in half precision")
     torch_threads: int = Field(0, ge=0, description="intra-op CPU threads of the forward pass; 0: one per "
                                "available CPU")
     onnxruntime_spinning: bool = Field(False, description="ONNX Runtime's threads spin instead of sleeping "
