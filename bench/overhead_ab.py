@@ -11,6 +11,8 @@ A block's overhead is the client's mean latency minus the server's mean time in 
 (its cllm4rec_model_forward_duration_seconds histogram: the pass, masking and top-k), so what is left is
 the HTTP stack, Redis and the batcher, with the forward pass's own drift taken out. Prints, per
 revision, the median over the rounds, their spread, and the median latency and forward time.
+--minimal adds bench/minimal_server.py of this working tree as one more server: the least a Python
+server with the history in Redis adds around the same pass on this machine.
 
 Why side by side: this VM's speed drifts by up to a fifth within a minute, more than the differences
 measured (docs/benchmarks.md, "Overhead at 4 layers"). Run it with nothing else busy.
@@ -36,6 +38,7 @@ from serve_latency import MS, load, server_sums
 from serve_process import serving, trained_users
 
 REPOSITORY = Path(__file__).resolve().parent.parent
+MINIMAL_SERVER = Path(__file__).resolve().parent / "minimal_server.py"
 
 
 def check_out(revision: str, into: Path) -> Path:
@@ -64,26 +67,32 @@ def block(url: str, bodies: list[dict]) -> tuple[float, float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, required=True)
-    parser.add_argument("--rev", action="append", required=True, help="a git revision, or . (repeat: two or more)")
+    parser.add_argument("--rev", action="append", required=True,
+                        help="a git revision, or . (repeat: two or more, or one with --minimal)")
+    parser.add_argument("--minimal", action="store_true", help="and bench/minimal_server.py beside them")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--block", type=int, default=100, help="requests to each server per round")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of each server")
     parser.add_argument("--port", type=int, default=8770, help="the first server's; the others' follow")
     args = parser.parse_args()
-    if len(args.rev) < 2:
-        parser.error("compare two or more --rev")
+    if len(args.rev) + args.minimal < 2:
+        parser.error("compare two or more --rev, or one with --minimal")
+    names = [*args.rev, *(["minimal"] if args.minimal else [])]
     users = trained_users(args.checkpoint)
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as servers:
         trees = []
         servers.callback(remove_worktrees, trees)  # after the servers have stopped
         urls = []
-        for i, revision in enumerate(args.rev):
-            trees.append(check_out(revision, Path(tmp) / f"rev-{i}"))
+        for i, name in enumerate(names):
+            minimal = i == len(args.rev)  # the one after the revisions
+            source = REPOSITORY if minimal else check_out(name, Path(tmp) / f"rev-{i}")
+            trees.append(source)
             port = args.port + i
             servers.enter_context(serving(args.checkpoint.resolve(), port,
-                                          {"CLLM4REC_TORCH_THREADS": str(args.threads)}, args.redis_url, trees[-1]))
+                                          {"CLLM4REC_TORCH_THREADS": str(args.threads)}, args.redis_url, source,
+                                          **({"entry": (str(MINIMAL_SERVER),)} if minimal else {})))
             urls.append(f"http://127.0.0.1:{port}")
         results: list[list[tuple[float, float, float]]] = [[] for _ in urls]
         for url in urls:  # warm the connections and caches
@@ -95,7 +104,7 @@ def main() -> None:
                 results[i].append(block(urls[i], bodies))
     print(f"{args.checkpoint}: {args.rounds} rounds of {args.block} concurrency-1 requests to each server in turn")
     print(f"{'revision':>24} {'overhead ms (median)':>21} {'spread (min-max)':>22} {'p50 ms':>8} {'forward ms':>11}")
-    for revision, rows in zip(args.rev, results):
+    for revision, rows in zip(names, results):
         overheads = sorted(row[0] for row in rows)
         print(f"{revision:>24} {statistics.median(overheads):>21.3f} "
               f"{f'{overheads[0]:.2f}-{overheads[-1]:.2f}':>22} {statistics.median(r[1] for r in rows):>8.2f} "

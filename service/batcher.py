@@ -9,6 +9,15 @@ a forward pass queue up, so under load batches fill without any waiting; at low 
 waits at most max_wait, and a lone request not at all (it waited the whole max_wait before: 2.1 of
 the 11 ms of a 4-layer request at concurrency 1, docs/benchmarks.md).
 
+A request that is alone (nothing queued, no batch gathered or running, no other request on its way)
+has nothing to batch with, so with `lone_on_loop` its pass runs on the event loop's own thread: no hop
+to the worker thread and back, and no sleeping thread to wake on either side of the pass (0.27-0.36 ms
+of a 4-layer request at concurrency 1, docs/benchmarks.md "The lone request's pass"). Meanwhile the
+loop reads nothing; requests that come in during that pass are read after it, find each other on their
+way and are batched by the worker as before. The request's deadline is not checked during such a
+pass: its answer comes when the pass is done, where a pass in the worker thread gets its 504 at the
+deadline (and runs on; a pass cannot be interrupted).
+
 A full queue refuses new requests at once (Overloaded, 503) instead of letting latency grow without
 bound. A request whose caller gave up (timeout, disconnect) is dropped before its forward pass.
 
@@ -50,19 +59,24 @@ class Pending:
 class Batcher(Generic[Job, Result]):
     def __init__(self, run_batch: Callable[[Sequence[Job]], Sequence[Result]], max_batch_size: int,
                  max_wait_s: float, queue_size: int, thread_initializer: Callable[[], None] | None = None,
-                 on_death: Callable[[str], None] | None = None):
-        self.run_batch = run_batch  # jobs -> one result per job, in order; called in the worker thread
+                 on_death: Callable[[str], None] | None = None, lone_on_loop: bool = False):
+        self.run_batch = run_batch  # jobs -> one result per job, in order; in the worker thread (or the loop's)
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.queue: asyncio.Queue[Pending] = asyncio.Queue(queue_size)
         # One thread: forward passes run one after another, each using all of torch's threads.
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="cllm4rec-forward", initializer=thread_initializer)
+        self.thread_initializer = thread_initializer
+        self.lone_on_loop = lone_on_loop
+        self.worker_idle = True  # the worker waits for a first request: no batch is gathered or running
         self.worker: asyncio.Task | None = None
         self.on_death = on_death
         self.stopping = False
         self.on_their_way = 0  # requests announced by `arriving` that have not submitted yet
 
     def start(self) -> None:
+        if self.lone_on_loop and self.thread_initializer is not None:
+            self.thread_initializer()  # lone requests' passes run on this thread
         self.worker = asyncio.get_running_loop().create_task(self.work(), name="cllm4rec-batcher")
         self.worker.add_done_callback(self.worker_ended)
         metrics.batcher_alive.set(1)
@@ -106,6 +120,8 @@ class Batcher(Generic[Job, Result]):
         """The job's result, computed in a batch with whatever else is waiting."""
         if self.worker is None or self.worker.done():
             raise Overloaded("the model is not serving (starting up or shutting down)")
+        if self.lone_on_loop and self.worker_idle and self.queue.empty() and not self.on_their_way:
+            return self.run_lone(job)
         future = asyncio.get_running_loop().create_future()
         try:
             self.queue.put_nowait(Pending(job, future, time.perf_counter()))
@@ -113,8 +129,18 @@ class Batcher(Generic[Job, Result]):
             raise Overloaded(f"{self.queue.maxsize} requests are already waiting for the model") from None
         return await future  # a caller that is cancelled cancels the future: the worker skips it
 
+    async def warm_up(self, job: Job) -> None:
+        """`job` through the worker thread and, where lone requests run on the loop, on the loop's thread."""
+        if self.worker is None or self.worker.done():
+            raise Overloaded("the model is not serving (starting up or shutting down)")
+        await asyncio.get_running_loop().run_in_executor(self.executor, self.run_batch, [job])
+        if self.lone_on_loop:
+            self.run_batch([job])
+
     async def next_batch(self) -> list[Pending]:
+        self.worker_idle = True
         batch = [await self.queue.get()]
+        self.worker_idle = False
         deadline = time.perf_counter() + self.max_wait_s
         while len(batch) < self.max_batch_size:
             if not self.queue.empty():
@@ -140,10 +166,7 @@ class Batcher(Generic[Job, Result]):
     async def run(self, batch: list[Pending]) -> None:
         if not batch:
             return
-        started = time.perf_counter()
-        for pending in batch:
-            metrics.batch_queue_wait.observe(started - pending.enqueued_at)
-        metrics.batch_size.observe(len(batch))
+        started = self.observe_start([p.enqueued_at for p in batch])
         try:
             results = await asyncio.get_running_loop().run_in_executor(self.executor, self.run_batch,
                                                                        [p.job for p in batch])
@@ -158,3 +181,20 @@ class Batcher(Generic[Job, Result]):
         for pending, result in zip(batch, results):
             if not pending.future.done():
                 pending.future.set_result(result)
+
+    def run_lone(self, job: Job) -> Result:
+        """A lone request's pass, on the event loop's thread; its failure is its own, as in a batch."""
+        started = self.observe_start([time.perf_counter()])
+        try:
+            return self.run_batch([job])[0]
+        finally:
+            metrics.model_forward_duration.observe(time.perf_counter() - started)
+
+    @staticmethod
+    def observe_start(enqueued_at: list[float]) -> float:
+        """A pass starts now: each request's wait and the batch's size go to the metrics."""
+        started = time.perf_counter()
+        for enqueued in enqueued_at:
+            metrics.batch_queue_wait.observe(started - enqueued)
+        metrics.batch_size.observe(len(enqueued_at))
+        return started

@@ -11,8 +11,8 @@ prompt.
 
 The model runs nowhere else than ServedModel.score: one padded forward pass for a batch of
 prompts (model.cllm4rec.score_prompts, the function offline evaluation uses), then masking and
-top-k, in the batcher's worker thread (and once, to warm up a reloaded checkpoint, in the thread
-that loads it). There is no token-by-token decoding.
+top-k, in the batcher's worker thread or, for a lone request, on the event loop's thread (and once, to
+warm up a reloaded checkpoint, in the thread that loads it). There is no token-by-token decoding.
 
 Hot reload (Engine.reload): the new checkpoint is loaded and warmed up in a thread while the old
 one serves, then swapped in with one assignment. A request takes the model once, when it starts,
@@ -272,7 +272,8 @@ class Engine:
         threads = settings.resolved_torch_threads()
         self.batcher: Batcher[ScoreJob, Ranking] = Batcher(
             self.score_batch, settings.max_batch_size, settings.max_wait_ms / 1000, settings.queue_size,
-            thread_initializer=lambda: torch.set_num_threads(threads), on_death=self.batcher_died)
+            thread_initializer=lambda: torch.set_num_threads(threads), on_death=self.batcher_died,
+            lone_on_loop=settings.lone_pass_on_loop)
         self.warmed_up = False
         self.failure: str | None = None  # why this replica can no longer serve (it is stopping)
         self.on_fatal: Callable[[], None] | None = None  # set by `cllm4rec serve`: stop the process
@@ -285,9 +286,9 @@ class Engine:
         self.batcher.start()
 
     async def warm_up(self) -> None:
-        """Score one real request through the batcher: the first forward pass pays for lazy
-        initialisation (allocations, kernels), a user's request should not."""
-        await self.batcher.submit(self.model.warm_up_job())
+        """Score one real request on each thread that runs passes: the first forward pass pays for lazy
+        initialisation (allocations, kernels, the thread's pool), a user's request should not."""
+        await self.batcher.warm_up(self.model.warm_up_job())
         self.warmed_up = True
 
     async def close(self) -> None:

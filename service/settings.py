@@ -81,6 +81,10 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(32, ge=1, description="most requests scored in one forward pass")
     max_wait_ms: float = Field(2.0, ge=0, description="how long a batch waits for requests on their way to it "
                                "(reading their histories); a lone request does not wait")
+    lone_pass_on_loop: bool = Field(True, description="a request with nothing to batch with is scored on the "
+                                    "event loop's thread, without the hop to the forward thread and back; the "
+                                    "loop reads no other request during that pass, and the request's deadline "
+                                    "(CLLM4REC_REQUEST_TIMEOUT_S) is not checked until it ends")
     queue_size: int = Field(256, ge=1, description="requests waiting for the model; beyond this, 503 with "
                             "Retry-After")
     request_timeout_s: float = Field(10.0, gt=0, description="a recommendation not answered within this "

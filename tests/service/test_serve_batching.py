@@ -73,7 +73,8 @@ def test_full_queue_answers_503_with_retry_after(tiny_checkpoint, offline):
 
 
 def test_slow_request_times_out_with_504_and_the_server_goes_on(tiny_checkpoint, offline):
-    settings = server_settings(tiny_checkpoint, request_timeout_s=0.2)
+    # The worker thread's pass: a lone request's pass on the event loop answers when it is done.
+    settings = server_settings(tiny_checkpoint, request_timeout_s=0.2, lone_pass_on_loop=False)
     with running_server(settings) as server, server.client() as client:
         errors_before = metric_value(client.get("/metrics").text, "cllm4rec_errors_total", kind="timeout")
         slow_down(server, 1.0)
@@ -135,3 +136,40 @@ def test_a_lone_request_runs_at_once_and_a_batch_waits_only_for_requests_on_thei
         return batches
 
     assert asyncio.run(scenario()) == [["alone"], ["first", "second"]]
+
+
+@pytest.mark.parametrize("lone_on_loop", [True, False])
+def test_a_lone_request_is_scored_on_the_event_loop_and_company_in_the_worker_thread(lone_on_loop):
+    """With lone_on_loop, a request with nothing to batch with skips the hop to the worker thread; requests
+    that find others waiting or on their way are still batched there, and a lone failure is its own."""
+    from service.batcher import Batcher
+
+    async def scenario() -> list[tuple[list[str], str]]:
+        batches: list[tuple[list[str], str]] = []
+
+        def run_batch(jobs):
+            if "fail" in jobs:
+                raise ValueError("this pass failed")
+            batches.append((list(jobs), threading.current_thread().name))
+            return [job.upper() for job in jobs]
+
+        batcher = Batcher(run_batch, max_batch_size=8, max_wait_s=60, queue_size=8, lone_on_loop=lone_on_loop)
+        batcher.start()
+        assert await asyncio.wait_for(batcher.submit("alone"), 10) == "ALONE"
+        with batcher.arriving():
+            first = asyncio.create_task(batcher.submit("first"))
+            await asyncio.sleep(0.05)  # "first" has company on its way: the worker holds it
+        second = asyncio.create_task(batcher.submit("second"))
+        assert await asyncio.wait_for(asyncio.gather(first, second), 10) == ["FIRST", "SECOND"]
+        with pytest.raises(ValueError, match="this pass failed"):
+            await asyncio.wait_for(batcher.submit("fail"), 10)
+        assert await asyncio.wait_for(batcher.submit("after"), 10) == "AFTER"
+        await batcher.stop()
+        return batches
+
+    loop_thread = threading.current_thread().name  # asyncio.run's loop runs on this thread
+    batches = asyncio.run(scenario())
+    assert [jobs for jobs, _ in batches] == [["alone"], ["first", "second"], ["after"]]
+    lone_thread = loop_thread if lone_on_loop else batches[1][1]
+    assert [thread for _, thread in batches] == [lone_thread, batches[1][1], lone_thread]
+    assert batches[1][1] != loop_thread  # company is always batched in the worker thread
