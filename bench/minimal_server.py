@@ -26,11 +26,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout this file is in
 
-import torch  # noqa: E402  (service, imported first below, sets the OpenMP wait policy before torch)
+from service import metrics  # noqa: E402  (first: the service package sets the OpenMP wait policy before torch)
+import torch  # noqa: E402
 import uvicorn  # noqa: E402
 from prometheus_client import generate_latest  # noqa: E402
 
-from service import metrics  # noqa: E402
 from service.engine import Answer, ServedModel  # noqa: E402
 from service.histories import RedisHistoryStore, seed_from_checkpoint  # noqa: E402
 from service.settings import Settings  # noqa: E402

@@ -35,10 +35,9 @@ from pathlib import Path
 import numpy as np
 
 from serve_latency import MS, load, server_sums
-from serve_process import serving, trained_users
+from serve_process import MINIMAL_SERVER_ENTRY, serving, trained_users
 
 REPOSITORY = Path(__file__).resolve().parent.parent
-MINIMAL_SERVER = Path(__file__).resolve().parent / "minimal_server.py"
 
 
 def check_out(revision: str, into: Path) -> Path:
@@ -92,7 +91,7 @@ def main() -> None:
             port = args.port + i
             servers.enter_context(serving(args.checkpoint.resolve(), port,
                                           {"CLLM4REC_TORCH_THREADS": str(args.threads)}, args.redis_url, source,
-                                          **({"entry": (str(MINIMAL_SERVER),)} if minimal else {})))
+                                          **({"entry": MINIMAL_SERVER_ENTRY} if minimal else {})))
             urls.append(f"http://127.0.0.1:{port}")
         results: list[list[tuple[float, float, float]]] = [[] for _ in urls]
         for url in urls:  # warm the connections and caches

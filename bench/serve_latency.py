@@ -23,6 +23,9 @@
    measures on this machine (best of several, in the backbone's number format for the backbone and
    float32 for the head), plus reading the head's tables once at the read bandwidth it measures (a
    large matrix-vector product): what one request cannot go below, as the serving-speed issue defines it.
+6. With --minimal, bench/minimal_server.py (uvicorn, one Redis read and the same scoring, nothing else)
+   at concurrency 1 beside the same bare passes: its overhead ratio is what this machine leaves to any
+   Python server around this pass (docs/benchmarks.md, "The floor under the overhead goal").
 
 --json prints one JSON object instead of the tables (floor_ms, forward_p50_ms, http by concurrency,
 overhead_ratio, floor_ratio, autoregressive_ratio, device, precision, ...), with breakdown_c1_mean_ms:
@@ -55,7 +58,7 @@ from model.checkpoint import Recommender
 from model.cllm4rec import COLLAB, inference_autocast
 from service.engine import ScoreJob, ServedModel
 from service.settings import Settings
-from serve_process import serving
+from serve_process import MINIMAL_SERVER_ENTRY, serving
 
 MS = 1000.0
 
@@ -283,9 +286,15 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--dtype", default="auto", help="CLLM4REC_DTYPE of the server and of this process's model "
                         "(float32: PyTorch's passes as they are, no format chosen)")
+    parser.add_argument("--minimal", action="store_true",
+                        help="then bench/minimal_server.py at concurrency 1 beside the same bare passes: the overhead "
+                             "ratio of a server with nothing but the model, uvicorn and one Redis read on this "
+                             "machine (minimal_server in the JSON)")
     parser.add_argument("--quick", action="store_true", help="a few requests at concurrency 1 and 8: checks it runs")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
     args = parser.parse_args()
+    if args.minimal and not args.redis_url:
+        parser.error("--minimal reads histories from Redis: give --redis-url")
     out = (lambda *a, **k: None) if args.json else print
     if args.quick:
         args.concurrency, args.requests, args.ar_users = [1, 8], 16, 4
@@ -345,6 +354,15 @@ def main() -> None:
             batched = {"users_per_request": args.batch_users, "concurrency": args.batch_concurrency,
                        "p50_ms": round(percentiles(latencies)[0], 2),
                        "recommendations_per_s": round(len(users) / wall, 1)}
+    minimal = None
+    if args.minimal:
+        with serving(args.checkpoint, port, {"CLLM4REC_TORCH_THREADS": str(args.threads), "CLLM4REC_DTYPE": args.dtype},
+                     args.redis_url, entry=MINIMAL_SERVER_ENTRY):
+            asyncio.run(load(url, bodies[: min(16, len(bodies))], 1))
+            latencies, _, bare_minimal = asyncio.run(load_beside_bare(url, bodies, served, jobs))
+        p50, bare_p50 = percentiles(latencies)[0], percentiles(bare_minimal)[0]
+        minimal = {"p50_ms": round(p50, 2), "forward_beside_c1_p50_ms": round(bare_p50, 3),
+                   "overhead_ratio": round(p50 / bare_p50, 3)}
 
     out("\nover HTTP (POST /recommend, history from Redis, micro-batched):")
     out(f"{'concurrency':>11} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'req/s':>8} {'mean batch':>11}")
@@ -392,6 +410,9 @@ def main() -> None:
     for concurrency in (c for c in args.concurrency if c > 1):
         out(f"  bare forward prompts/s at batch {concurrency} / HTTP req/s at concurrency {concurrency}: "
               f"{bare[concurrency][1] / http[concurrency][4]:.2f}x")
+    if minimal:
+        out(f"  the same for bench/minimal_server.py (uvicorn, one Redis read, the model; nothing else): "
+            f"{minimal['overhead_ratio']:.2f}x ({minimal['p50_ms']:.1f} ms vs {minimal['forward_beside_c1_p50_ms']:.1f} ms)")
     out(f"  autoregressive p50 / one-pass forward p50 (batch 1, both PyTorch): {ar_p50 / one_pass_p50:.1f}x")
     out(f"load average at the end: {os.getloadavg()[0]:.2f}")
 
@@ -411,6 +432,7 @@ def main() -> None:
                  for c, p50, p95, p99, rps, mean_batch in rows},
         "forward_beside_c1_p50_ms": round(bare_beside_p50, 3) if 1 in http else None,
         "overhead_ratio": round(http[1][1] / bare_beside_p50, 3) if 1 in http else None,
+        "minimal_server": minimal,
         "batch_endpoint": batched,
         "floor_ratio": round(http[1][1] / floor, 2) if 1 in http else None,
         "forward_floor_ratio": round(bare[1][0] / floor, 2),

@@ -20,6 +20,8 @@ from model.checkpoint import read_checkpoint
 
 READY_TIMEOUT_S = 300  # a cold backbone conversion takes about a minute on 2 CPUs
 SERVE_ENTRY = ("-m", "service.cli")
+# bench/minimal_server.py: the same request answered with nothing but the model, uvicorn and one Redis read
+MINIMAL_SERVER_ENTRY = (str(Path(__file__).resolve().with_name("minimal_server.py")),)
 
 
 @contextlib.contextmanager
