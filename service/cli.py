@@ -241,9 +241,10 @@ def run_quickstart(args) -> int:
 
 def add_quickstart_parser(subparsers) -> None:
     p = subparsers.add_parser("quickstart", help="generate data, train a small checkpoint with the real backbone "
-                              "(minutes on a CPU; reused next time) and serve it",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dir", default="runs/quickstart", help="where the data and the checkpoint go")
+                              "(minutes on a CPU; reused next time) and serve it")
+    # Defaults written out: ArgumentDefaultsHelpFormatter would add "(default: None)" to --host and --port,
+    # whose defaults come from the environment.
+    p.add_argument("--dir", default="runs/quickstart", help="where the data and the checkpoint go (default: %(default)s)")
     p.add_argument("--host", help="interface to listen on (default: $CLLM4REC_HOST or 127.0.0.1)")
     p.add_argument("--port", type=int, help="TCP port (default: $CLLM4REC_PORT or 8000)")
     p.add_argument("--no-serve", action="store_true", help="only build (or reuse) the data and the checkpoint, "
