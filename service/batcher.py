@@ -116,11 +116,12 @@ class Batcher(Generic[Job, Result]):
         finally:
             self.on_their_way -= n
 
-    async def submit(self, job: Job) -> Result:
-        """The job's result, computed in a batch with whatever else is waiting."""
+    async def submit(self, job: Job, siblings: bool = False) -> Result:
+        """The job's result, computed in a batch with whatever else is waiting. `siblings`: other jobs of the
+        same call are submitted with this one (a POST /recommend/batch), so it is never alone."""
         if self.worker is None or self.worker.done():
             raise Overloaded("the model is not serving (starting up or shutting down)")
-        if self.lone_on_loop and self.worker_idle and self.queue.empty() and not self.on_their_way:
+        if self.lone_on_loop and not siblings and self.worker_idle and self.queue.empty() and not self.on_their_way:
             return self.run_lone(job)
         future = asyncio.get_running_loop().create_future()
         try:

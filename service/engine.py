@@ -388,7 +388,8 @@ class Engine:
         step = self.settings.max_batch_size
         for start in range(0, len(requests), step):
             chunk = range(start, min(start + step, len(requests)))
-            calls = [self.recommend_one(model, requests[i], histories[i], retired) for i in chunk]
+            calls = [self.recommend_one(model, requests[i], histories[i], retired, siblings=len(chunk) > 1)
+                     for i in chunk]
             # gather makes a task of each call, all settling before a failure is raised; a lone request
             # (every POST /recommend) awaits its call as it is: 0.07 ms a request (bench/overhead_ab.py).
             results = [await calls[0]] if len(calls) == 1 else await asyncio.gather(*calls, return_exceptions=True)
@@ -404,7 +405,7 @@ class Engine:
         return await asyncio.to_thread(lambda: [model.response_json(answer) for answer in answers])
 
     async def recommend_one(self, model: ServedModel, request: RecommendQuery, history: Sequence[str],
-                            retired: Sequence[int] = ()) -> Answer:
+                            retired: Sequence[int] = (), siblings: bool = False) -> Answer:
         recommender = model.recommender
         item_index = recommender.item_index
         known = model.indices(history)
@@ -428,7 +429,8 @@ class Engine:
             items, values = model.most_popular(excluded, request.k, candidates)
         else:
             recent_unique = list(dict.fromkeys(reversed(known)))[::-1]  # repeats dropped, latest occurrence kept
-            items, values = await self.batcher.submit(model.job(user, recent_unique, excluded, request.k, candidates))
+            items, values = await self.batcher.submit(model.job(user, recent_unique, excluded, request.k, candidates),
+                                                      siblings)
         return Answer(request.user_id, items, values, user is None, fallback, unknown)
 
     async def sync_catalogue(self, model: ServedModel) -> CatalogueState:

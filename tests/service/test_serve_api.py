@@ -74,8 +74,12 @@ def test_get_and_batch_agree_with_post(client, offline):
     posted = [ids_and_scores(client.post("/recommend", json={"user_id": u, "k": 7})) for u in users]
     got = [ids_and_scores(client.get(f"/recommend/{u}", params={"k": 7})) for u in users]
     assert got == posted
+    passes_before = metric_value(client.get("/metrics").text, "cllm4rec_batch_size_count")
     batch = client.post("/recommend/batch", json={"requests": [{"user_id": u, "k": 7} for u in users]})
     assert batch.status_code == 200, batch.text
+    # One pass for the request's users, none of them scored alone (CLLM4REC_LONE_PASS_ON_LOOP is for
+    # requests with nothing to batch with).
+    assert metric_value(client.get("/metrics").text, "cllm4rec_batch_size_count") == passes_before + 1
     results = batch.json()["results"]
     assert [r["user_id"] for r in results] == users
     for result, (ids, scores) in zip(results, posted):
