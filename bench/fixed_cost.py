@@ -4,8 +4,8 @@
 
 Starts `cllm4rec serve` on the checkpoint with its scoring (ServedModel.score: the forward pass, masking
 and top-k) replaced by a constant ranking, everything else as served: uvicorn, FastAPI, the middleware,
-the key checks, the history read, the catalogue's version, the batcher and its thread hop, the metrics, the
-response (--sleep-ms: the model sleeps that long first). Sends --requests concurrency-1 POST /recommend
+the key checks, the history read, the catalogue's version, the batcher (a lone request is scored on the
+event loop's thread), the metrics, the response (--sleep-ms: the model sleeps that long first). Sends --requests concurrency-1 POST /recommend
 (known users, stored histories, k = 10) in --rounds rounds, with the server's in-process history store
 and then with Redis, and prints the median latency of each round. A model's pass costs this much more
 over HTTP at least: the overhead goal of 1.15x (docs/benchmarks.md, "Overhead at 4 layers") leaves
