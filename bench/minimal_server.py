@@ -31,7 +31,7 @@ import torch  # noqa: E402
 import uvicorn  # noqa: E402
 from prometheus_client import generate_latest  # noqa: E402
 
-from service.engine import Answer, ServedModel  # noqa: E402
+from service.engine import Answer, ServedModel, latest_unique  # noqa: E402
 from service.histories import RedisHistoryStore, seed_from_checkpoint  # noqa: E402
 from service.settings import Settings  # noqa: E402
 
@@ -55,8 +55,8 @@ def minimal_app(model: ServedModel, settings: Settings):
         history = model.indices(await store.redis.lrange(store.history_key(request["user_id"]), 0, -1))
         user = model.recommender.user_index[request["user_id"]]
         started = time.perf_counter()
-        [(items, scores)] = model.score([model.job(user, list(dict.fromkeys(reversed(history)))[::-1],
-                                                   sorted(set(history)), request.get("k", 10))])
+        [(items, scores)] = model.score([model.job(user, latest_unique(history), sorted(set(history)),
+                                                   request.get("k", 10))])
         metrics.model_forward_duration.observe(time.perf_counter() - started)
         return model.response_json(Answer(request["user_id"], items, scores, False, None, []))
 

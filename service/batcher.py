@@ -116,11 +116,14 @@ class Batcher(Generic[Job, Result]):
         finally:
             self.on_their_way -= n
 
+    def refuse_unless_serving(self) -> None:
+        if self.worker is None or self.worker.done():
+            raise Overloaded("the model is not serving (starting up or shutting down)")
+
     async def submit(self, job: Job, siblings: bool = False) -> Result:
         """The job's result, computed in a batch with whatever else is waiting. `siblings`: other jobs of the
         same call are submitted with this one (a POST /recommend/batch), so it is never alone."""
-        if self.worker is None or self.worker.done():
-            raise Overloaded("the model is not serving (starting up or shutting down)")
+        self.refuse_unless_serving()
         if self.lone_on_loop and not siblings and self.worker_idle and self.queue.empty() and not self.on_their_way:
             return self.run_lone(job)
         future = asyncio.get_running_loop().create_future()
@@ -132,8 +135,7 @@ class Batcher(Generic[Job, Result]):
 
     async def warm_up(self, job: Job) -> None:
         """`job` through the worker thread and, where lone requests run on the loop, on the loop's thread."""
-        if self.worker is None or self.worker.done():
-            raise Overloaded("the model is not serving (starting up or shutting down)")
+        self.refuse_unless_serving()
         await asyncio.get_running_loop().run_in_executor(self.executor, self.run_batch, [job])
         if self.lone_on_loop:
             self.run_batch([job])

@@ -226,6 +226,11 @@ def fit_text_readout(recommender: Recommender, catalogue: CatalogueTexts) -> Tex
     return text_readout
 
 
+def latest_unique(items: list[int]) -> list[int]:
+    """A history as its prompt holds it: repeats dropped, each item at its latest occurrence, oldest first."""
+    return list(dict.fromkeys(reversed(items)))[::-1]
+
+
 @dataclass
 class ScoreJob:
     """One prompt for the batcher: its top k items, the `excluded` item indices left out (and only
@@ -428,9 +433,8 @@ class Engine:
             fallback = "most_popular"
             items, values = model.most_popular(excluded, request.k, candidates)
         else:
-            recent_unique = list(dict.fromkeys(reversed(known)))[::-1]  # repeats dropped, latest occurrence kept
-            items, values = await self.batcher.submit(model.job(user, recent_unique, excluded, request.k, candidates),
-                                                      siblings)
+            items, values = await self.batcher.submit(model.job(user, latest_unique(known), excluded, request.k,
+                                                                candidates), siblings)
         return Answer(request.user_id, items, values, user is None, fallback, unknown)
 
     async def sync_catalogue(self, model: ServedModel) -> CatalogueState:
