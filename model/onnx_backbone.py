@@ -3,19 +3,25 @@
 The backbone never trains, so its passes without gradients may run through another engine: serving's
 (where service/precision.py measures it faster), and training's validation and refit and `cllm4rec
 evaluate` on a CPU (use_engine). The backbone (its kept layers, with any adapters) is exported once to
-ONNX through a temporary file (torch.onnx.export, dynamic batch and prompt length) and run by ONNX
-Runtime's CPU provider, which fuses the blocks' operations; the soft tokens' embedding before it and the
-item head after it stay PyTorch (CLLM4Rec.embed, item_logits), so prompts, tables, live items and the
-float32 head are exactly the trainer's. On this project's 2-core CPU
-a batch-1 forward of SmolLM2's 30 layers took 27.5 ms against PyTorch's 60.5 ms, 4 layers with every
-layer's states 3.8 ms against 10.0 ms, outputs within 1e-4 relative (docs/benchmarks.md).
+ONNX through a temporary file and run by ONNX Runtime's CPU provider, which fuses the blocks' operations;
+the soft tokens' embedding before it and the item head after it stay PyTorch (CLLM4Rec.embed,
+item_logits), so prompts, tables, live items and the float32 head are exactly the trainer's. The export
+is torch.export's (dynamo=True; batch and prompt length symbolic), at ONNX opset 23 where attention is one
+operator: 1,644 nodes after ONNX Runtime's own optimisation for SmolLM2's 30 layers, where the
+TorchScript exporter's graph kept 3,318 (most of them the shape arithmetic of its traced reshapes), and
+each node costs its dispatch. A batch-1 forward of the 30 layers: 27.8 ms against the TorchScript graph's
+30.0 ms and PyTorch's 70 ms; 4 layers 3.5 ms against 3.7 ms; outputs within 1e-4 of PyTorch's
+(docs/benchmarks.md, "The backbone exported by torch.export").
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import logging
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +32,8 @@ from torch import nn
 from model.backbone import BackboneOutput, ExportedBackbone
 
 ENGINES = ("auto", "pytorch", "onnxruntime")  # what runs passes without gradients (use_engine)
+OPSET = 23  # the first with Attention as one operator (and onnxruntime>=1.23, pyproject.toml)
+EXPORTER_LOGGERS = ("torch.onnx", "onnx_ir", "onnxscript")
 
 
 class OnnxBackbone:
@@ -38,18 +46,18 @@ class OnnxBackbone:
         embeds = torch.zeros(2, 5, hidden)
         mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
         outputs = ["last_hidden_state", "inner_states"] if every_layer else ["last_hidden_state"]
-        axes = {"inputs_embeds": {0: "batch", 1: "tokens"}, "attention_mask": {0: "batch", 1: "tokens"},
-                "last_hidden_state": {0: "batch", 1: "tokens"}, "inner_states": {1: "batch", 2: "tokens"}}
+        sizes = {0: torch.export.Dim("batch"), 1: torch.export.Dim("tokens")}
         with tempfile.TemporaryDirectory() as directory:
             # Through a file rather than bytes in memory: the session then takes 0.4 GB less at 30 layers.
             graph = Path(directory) / "backbone.onnx"
-            with warnings.catch_warnings(), torch.no_grad():
-                warnings.simplefilter("ignore")  # the tracer's notes on Python control flow it freezes
+            with warnings.catch_warnings(), torch.no_grad(), quiet_exporter():
+                warnings.simplefilter("ignore")  # the exporter's notes on what it specialises
+                # optimize=False: onnxscript's own pass over the graph took 15 s more at 30 layers and left
+                # ONNX Runtime's optimised graph no faster.
                 torch.onnx.export(ExportedBackbone(backbone, every_layer).eval(), (embeds, mask), str(graph),
                                   input_names=["inputs_embeds", "attention_mask"], output_names=outputs,
-                                  dynamic_axes={name: axes[name] for name in ["inputs_embeds", "attention_mask",
-                                                                              *outputs]},
-                                  opset_version=17, dynamo=False)
+                                  dynamic_shapes={"inputs_embeds": sizes, "attention_mask": sizes},
+                                  opset_version=OPSET, dynamo=True, optimize=False, verbose=False)
             release_freed_memory()  # what the export allocated and freed: 0.4 GB more at 30 layers
             self.session = self.open_session(graph, threads, spinning)
         release_freed_memory()
@@ -76,6 +84,21 @@ class OnnxBackbone:
         outputs = self.session.run(None, {"inputs_embeds": inputs_embeds.detach().float().numpy(),
                                           "attention_mask": attention_mask.numpy().astype(np.int64)})
         return BackboneOutput.of(inputs_embeds, *(torch.from_numpy(output) for output in outputs))
+
+
+@contextlib.contextmanager
+def quiet_exporter() -> Iterator[None]:
+    """Only the exporter's errors in the log: torch.onnx warns of each optional package it finds missing
+    (torchvision's operators, nothing a backbone uses) and the graph passes log each step at INFO."""
+    loggers = [logging.getLogger(name) for name in EXPORTER_LOGGERS]
+    levels = [exporter_log.level for exporter_log in loggers]
+    for exporter_log in loggers:
+        exporter_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for exporter_log, level in zip(loggers, levels):
+            exporter_log.setLevel(level)
 
 
 def release_freed_memory() -> None:

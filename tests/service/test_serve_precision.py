@@ -5,6 +5,8 @@ which runs."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -84,11 +86,12 @@ def test_onnxruntime_threads_spin_only_when_asked(tiny_checkpoint):
         backbone_format.take_off()
 
 
-@pytest.mark.parametrize("readout", [False, True])
-def test_onnxruntime_scores_as_pytorch_float32(tiny_llama, readout):
+@pytest.mark.parametrize("family,readout", [("tiny_llama", False), ("tiny_llama", True), ("tiny_gpt2", False)])
+def test_onnxruntime_scores_as_pytorch_float32(request, family, readout, caplog):
     """The exported backbone gives PyTorch's float32 scores (to float rounding) for padded batches of prompts
-    of every length, the head reading the last state alone or, with a readout, every layer's states."""
-    backbone, tokenizer = load_backbone(str(tiny_llama))
+    of every length, the head reading the last state alone or, with a readout, every layer's states; for
+    either family of backbone. The export itself logs nothing short of an error."""
+    backbone, tokenizer = load_backbone(str(request.getfixturevalue(family)))
     torch.manual_seed(0)
     model = CLLM4Rec(backbone, 6, 40, head_offsets=readout, head_readout=readout)
     with torch.no_grad():
@@ -96,7 +99,9 @@ def test_onnxruntime_scores_as_pytorch_float32(tiny_llama, readout):
     space = TokenSpace(tokenizer, model.n_words, 6, 40, PromptTemplates())
     prompts = [build_recommend_prompt(space, u, list(range(u, 4 * u + 1)), 20) for u in range(6)]
     reference = score_prompts(model, prompts)
-    model.inference_backbone = OnnxBackbone(backbone, readout, 1)
+    with caplog.at_level(logging.INFO):
+        model.inference_backbone = OnnxBackbone(backbone, readout, 1)
+    assert [r.getMessage() for r in caplog.records if r.name.split(".")[0] in ("torch", "onnx_ir", "onnxscript")] == []
     scores = score_prompts(model, prompts)
     torch.testing.assert_close(scores, reference, rtol=1e-4, atol=1e-4)
     assert top20_overlap(reference, scores) == 1.0
