@@ -40,7 +40,7 @@ from model.evaluate import ranking_metrics
 from model.prompts import build_recommend_prompt
 from model.teachers import text_matrix
 from service.catalogue import LiveItem
-from service.engine import ServedModel
+from service.served_model import ServedModel
 from service.settings import Settings
 
 TOP = 100  # the longest cut-off of the metrics (NDCG@100)

@@ -32,7 +32,7 @@ def instant_server(argv: list[str]) -> int:
     import os
     import time
 
-    from service import cli, engine
+    from service import cli, served_model
 
     sleep_s = float(os.environ.get(SLEEP_VARIABLE, "0")) / 1000
 
@@ -41,7 +41,7 @@ def instant_server(argv: list[str]) -> int:
             time.sleep(sleep_s)
         return [(list(range(min(job.k, len(self.titles)))), [0.5] * min(job.k, len(self.titles))) for job in jobs]
 
-    engine.ServedModel.score = constant_ranking
+    served_model.ServedModel.score = constant_ranking
     return cli.main(argv)
 
 

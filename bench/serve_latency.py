@@ -56,7 +56,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from model.checkpoint import Recommender
 from model.cllm4rec import COLLAB, inference_autocast
-from service.engine import ScoreJob, ServedModel
+from service.served_model import ScoreJob, ServedModel
 from service.settings import Settings
 from serve_process import MINIMAL_SERVER_ENTRY, serving
 

@@ -27,7 +27,8 @@ from importlib.metadata import PackageNotFoundError, version
 from fastapi import FastAPI
 
 from model.config import ConfigError
-from service.engine import Engine, ServedModel, model_device
+from service.engine import Engine
+from service.served_model import ServedModel, model_device
 from service.errors import install_error_handlers
 from service.heap import freeze_long_lived
 from service.histories import open_history_store

@@ -33,7 +33,8 @@ from model.synthetic import write_synthetic_dataset
 from model.config import ConfigError, TrainConfig
 from model.train import STATE_DIR, train
 from service.app import begin_shutdown, create_app
-from service.engine import ReloadFailed, ServedModel
+from service.engine import ReloadFailed
+from service.served_model import ServedModel
 from service.histories import HistoryStoreUnavailable, RedisHistoryStore, checkpoint_histories
 from service.settings import Settings
 

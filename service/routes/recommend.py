@@ -1,6 +1,6 @@
 """POST /recommend, GET /recommend/{user_id}, POST /recommend/batch.
 
-The engine returns each answer as JSON already (service.engine.ServedModel.response_json), built off
+The engine returns each answer as JSON already (service.served_model.ServedModel.response_json), built off
 the event loop when large, so that a batch of k = 1000 answers does not hold the loop (and the probes).
 """
 

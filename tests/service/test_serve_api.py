@@ -269,7 +269,7 @@ def test_answers_encoded_from_fragments_are_the_response_models_json(tiny_checkp
     import json
 
     from service.catalogue import LiveItem
-    from service.engine import Answer, ServedModel
+    from service.served_model import Answer, ServedModel
     from service.schemas import RecommendedItem, RecommendResponse
 
     model = ServedModel.load(tiny_checkpoint, server_settings(tiny_checkpoint))

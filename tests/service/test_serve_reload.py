@@ -20,7 +20,8 @@ import httpx
 import numpy as np
 
 from model.checkpoint import EMBEDDINGS_FILE, load_recommender
-from service.engine import Engine, ServedModel
+from service.engine import Engine
+from service.served_model import ServedModel
 from serving_helpers import (REDIS_URL, free_port, metric_value, offline_ranking, running_server, server_settings,
                              slow_down, variant_checkpoint, wait_ready)
 
