@@ -31,8 +31,8 @@ import torch  # noqa: E402
 import uvicorn  # noqa: E402
 from prometheus_client import generate_latest  # noqa: E402
 
-from service.served_model import Answer, ServedModel, latest_unique  # noqa: E402
 from service.histories import RedisHistoryStore, seed_from_checkpoint  # noqa: E402
+from service.served_model import Answer, ServedModel, latest_unique  # noqa: E402
 from service.settings import Settings  # noqa: E402
 
 

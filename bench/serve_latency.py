@@ -323,10 +323,11 @@ def main() -> None:
 
     port = args.port
     rows, breakdown, bare_beside, batched = [], {}, [], None
-    with serving(args.checkpoint, port, {
-            "CLLM4REC_TORCH_THREADS": str(args.threads), "CLLM4REC_DTYPE": args.dtype,
-            "CLLM4REC_MAX_BATCH_SIZE": str(args.max_batch_size), "CLLM4REC_MAX_WAIT_MS": str(args.max_wait_ms),
-            "CLLM4REC_QUEUE_SIZE": "1024"}, args.redis_url):
+    # The server's settings, the minimal server's too: the same threads, and the same format chosen at load.
+    server_env = {"CLLM4REC_TORCH_THREADS": str(args.threads), "CLLM4REC_DTYPE": args.dtype,
+                  "CLLM4REC_MAX_BATCH_SIZE": str(args.max_batch_size), "CLLM4REC_MAX_WAIT_MS": str(args.max_wait_ms),
+                  "CLLM4REC_QUEUE_SIZE": "1024"}
+    with serving(args.checkpoint, port, server_env, args.redis_url):
         url = f"http://127.0.0.1:{port}"
         asyncio.run(load(url, bodies[: min(16, len(bodies))], 1))  # warm the connections and caches
         bare_forward(served, jobs[:4], 1)  # warm-up
@@ -356,8 +357,7 @@ def main() -> None:
                        "recommendations_per_s": round(len(users) / wall, 1)}
     minimal = None
     if args.minimal:
-        with serving(args.checkpoint, port, {"CLLM4REC_TORCH_THREADS": str(args.threads), "CLLM4REC_DTYPE": args.dtype},
-                     args.redis_url, entry=MINIMAL_SERVER_ENTRY):
+        with serving(args.checkpoint, port, server_env, args.redis_url, entry=MINIMAL_SERVER_ENTRY):
             asyncio.run(load(url, bodies[: min(16, len(bodies))], 1))
             latencies, _, bare_minimal = asyncio.run(load_beside_bare(url, bodies, served, jobs))
         p50, bare_p50 = percentiles(latencies)[0], percentiles(bare_minimal)[0]
