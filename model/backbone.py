@@ -104,13 +104,18 @@ def keep_first_layers(model: nn.Module, n_layers: int) -> None:
     if not 1 <= n_layers <= len(layers):
         raise BackboneError(f"--backbone-layers {n_layers}: the backbone has {len(layers)} layers")
     del layers[n_layers:]
-    model.config.num_hidden_layers = n_layers
+    set_layer_count(model.config, n_layers)
+
+
+def set_layer_count(config, n_layers: int) -> None:
+    """Make a model's config describe only its first n_layers blocks."""
+    config.num_hidden_layers = n_layers
     for key in ("layer_types", "n_layer"):  # configs that describe layers one by one or by another name
-        value = getattr(model.config, key, None)
+        value = getattr(config, key, None)
         if isinstance(value, list):
-            setattr(model.config, key, value[:n_layers])
+            setattr(config, key, value[:n_layers])
         elif key == "n_layer" and value is not None:
-            setattr(model.config, key, n_layers)
+            setattr(config, key, n_layers)
 
 
 def load_backbone(name: str, n_layers: int | None = None, device: str | torch.device = "cpu",

@@ -1,0 +1,204 @@
+"""The frozen backbone as an ONNX graph: torch.export traces its first two blocks, the rest repeat the second.
+
+torch.export traces every operation of every block through Python: SmolLM2's 30 blocks took 21 s on a
+2-core AVX-512 BF16 CPU and 83 s of a 95-103 s server load on a 2-core AVX-512 CPU without bfloat16 units
+(docs/benchmarks.md, "The export traces two blocks"). The blocks of a backbone are one graph with other
+weights, so only the first two are traced: the first is fed by the embeddings, the second by a block,
+as every later one is. The second block's nodes (told apart by the name scope torch.export records on
+each node) are then copied once for each further block, fed by the block before, with that block's
+weights; what the traced graph did after the second block (the final norm, the stack of inner states)
+takes the last block's output instead. Where the blocks differ in anything but their weights (adapters
+on the last blocks, per-layer attention types), or the traced graph has another shape than this
+expects, the whole backbone is traced as before. OnnxBackbone checks the result against PyTorch.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import re
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+from onnx import helper, numpy_helper
+from torch import nn
+
+from model.backbone import ExportedBackbone, decoder_layers, set_layer_count
+
+OPSET = 23  # the first with Attention as one operator (and onnxruntime>=1.23, pyproject.toml)
+TRACED_BLOCKS = 2  # the first block is fed by the embeddings; the second is the one every later block repeats
+SCOPES = "pkg.torch.onnx.name_scopes"  # where torch.export's exporter records each node's module path
+INNER_STATES = "inner_states"  # ExportedBackbone's second output with every_layer
+
+
+def export_backbone(backbone: nn.Module, every_layer: bool, path: Path, repeat_blocks: bool = True) -> bool:
+    """Write the backbone's graph (embeddings and mask in; ExportedBackbone's outputs) to path, its weights
+    in files beside it. True where the later blocks were repeated rather than traced."""
+    blocks = decoder_layers(backbone)
+    if not repeat_blocks or len(blocks) <= TRACED_BLOCKS or not blocks_alike(backbone, blocks):
+        trace(backbone, every_layer, path)
+        return False
+    trace(first_blocks(backbone, TRACED_BLOCKS), every_layer, path)
+    graph = onnx.load(str(path), load_external_data=False)
+    scope = f"base_model.{module_path(backbone.base_model, blocks)}"
+    exported = ExportedBackbone(backbone, every_layer)
+    weights = dict(exported.named_parameters()) | dict(exported.named_buffers())
+    if not repeat_last_block(graph, scope, len(blocks), weights, every_layer, path.parent / "repeated_blocks.data"):
+        trace(backbone, every_layer, path)
+        return False
+    onnx.save(graph, str(path))
+    return True
+
+
+def trace(backbone: nn.Module, every_layer: bool, path: Path) -> None:
+    hidden = backbone.get_input_embeddings().embedding_dim
+    # Traced on a padded batch of two, so the graph keeps the general masked path (an all-ones mask
+    # could let the attention take its unmasked shortcut).
+    embeds = torch.zeros(2, 5, hidden)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    outputs = ["last_hidden_state", INNER_STATES] if every_layer else ["last_hidden_state"]
+    sizes = {0: torch.export.Dim("batch"), 1: torch.export.Dim("tokens")}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the exporter's notes on what it specialises
+        # optimize=False: onnxscript's own pass over the graph took 15 s more at 30 layers and left ONNX
+        # Runtime's optimised graph no faster.
+        torch.onnx.export(ExportedBackbone(backbone, every_layer).eval(), (embeds, mask), str(path),
+                          input_names=["inputs_embeds", "attention_mask"], output_names=outputs,
+                          dynamic_shapes={"inputs_embeds": sizes, "attention_mask": sizes},
+                          opset_version=OPSET, dynamo=True, optimize=False, verbose=False)
+
+
+def blocks_alike(backbone: nn.Module, blocks: nn.ModuleList) -> bool:
+    """Whether every block after the first could be the second with other weights: the same modules,
+    parameter shapes and settings (layer_idx aside: it only indexes a cache), the same layer type."""
+    layer_types = getattr(backbone.config, "layer_types", None)
+    if isinstance(layer_types, list) and len(set(layer_types[1:])) > 1:
+        return False
+    template = block_signature(blocks[1])
+    return all(block_signature(block) == template for block in blocks[2:])
+
+
+def block_signature(block: nn.Module) -> list:
+    settings = (bool, int, float, str, type(None))
+    return [(path, type(module).__name__,
+             sorted((k, v) for k, v in vars(module).items() if isinstance(v, settings) and k != "layer_idx"),
+             [(name, tuple(p.shape), p.dtype) for name, p in module.named_parameters(recurse=False)])
+            for path, module in block.named_modules()]
+
+
+def first_blocks(backbone: nn.Module, n: int) -> nn.Module:
+    """The causal LM with only its first n blocks, the model left as it is: the same embeddings and norm, copies
+    of the blocks (a pass of a view that shared them would install Hugging Face's output hooks on them a second
+    time, and the model's own hidden_states would then hold some blocks' outputs twice)."""
+    base = copy.copy(backbone.base_model)
+    base._modules = dict(base._modules)
+    base.config = copy.deepcopy(base.config)
+    blocks = decoder_layers(backbone)
+    setattr(base, module_path(backbone.base_model, blocks), copy.deepcopy(nn.ModuleList(list(blocks)[:n])))
+    set_layer_count(base.config, n)
+    view = copy.copy(backbone)
+    view._modules = dict(backbone._modules)
+    view.config = base.config
+    setattr(view, backbone.base_model_prefix, base)
+    return view
+
+
+def module_path(root: nn.Module, target: nn.Module) -> str:
+    return next(name for name, module in root.named_modules() if module is target)
+
+
+def block_of(node: onnx.NodeProto, scope: str) -> int | None:
+    """The index of the block a node was traced in (its name scopes hold "<scope>.<index>"), or None."""
+    pattern = re.compile(re.escape(scope) + r"\.(\d+)")
+    for prop in node.metadata_props:
+        if prop.key == SCOPES:
+            for name in ast.literal_eval(prop.value):
+                if match := pattern.fullmatch(name):
+                    return int(match[1])
+    return None
+
+
+def repeat_last_block(graph: onnx.ModelProto, scope: str, n_blocks: int, weights: dict[str, torch.Tensor],
+                      every_layer: bool, data_file: Path) -> bool:
+    """Extend a graph traced with two blocks to n_blocks (in place; the new weights written to data_file).
+    False, the graph untouched, where its shape is not the one expected: one value carried from block
+    to block, the second block's weights named "<scope>.1.*"."""
+    nodes = list(graph.graph.node)
+    block = [block_of(node, scope) for node in nodes]
+    first = [node for node, index in zip(nodes, block) if index == 0]
+    last = [node for node, index in zip(nodes, block) if index == 1]
+    made_last = {value for node in last for value in node.output}
+    fed_last = {value for node in last for value in node.input if value} - made_last
+    # The exporter reuses a constant made in the first block in the second: shared, not carried.
+    carried_in = fed_last & {value for node in first if node.op_type != "Constant" for value in node.output}
+    others = [node for node, index in zip(nodes, block) if index != 1]
+    read_after = {value for node in others for value in node.input} | {v.name for v in graph.graph.output}
+    carried_out = made_last & read_after
+    initializers = {tensor.name for tensor in graph.graph.initializer}
+    own_weights = {name for name in fed_last & initializers if name.startswith(f"{scope}.1.")}
+    later_weights = {name.replace(f"{scope}.1.", f"{scope}.{i}.", 1) for i in range(2, n_blocks) for name in own_weights}
+    if not (first and last and len(carried_in) == 1 and len(carried_out) == 1 and own_weights
+            and later_weights <= weights.keys()
+            and carried_out.isdisjoint(v.name for v in graph.graph.output)):
+        return False
+    (block_input,), (block_output,) = carried_in, carried_out
+    outputs = [block_input, block_output]  # each block's output, block by block
+    copies, offset = [], 0
+    with open(data_file, "wb") as data:
+        for index in range(2, n_blocks):
+            names = {value: f"{value}/{scope}.{index}" for value in made_last}
+            names[block_input] = outputs[-1]
+            for name in own_weights:
+                names[name] = name.replace(f"{scope}.1.", f"{scope}.{index}.", 1)
+                tensor = numpy_helper.from_array(weights[names[name]].detach().float().numpy(), names[name])
+                offset = write_external(tensor, data, data_file.name, offset)
+                graph.graph.initializer.append(tensor)
+            for node in last:
+                node_copy = copy.deepcopy(node)
+                node_copy.name = f"{node.name}/{scope}.{index}"
+                node_copy.input[:] = [names.get(value, value) for value in node.input]
+                node_copy.output[:] = [names[value] for value in node.output]
+                copies.append(node_copy)
+            outputs.append(names[block_output])
+    for node in others:  # what read the second block's output reads the last block's
+        node.input[:] = [outputs[-1] if value == block_output else value for value in node.input]
+    at = max(i for i, index in enumerate(block) if index == 1) + 1  # the copies follow the traced block
+    ordered = nodes[:at] + copies + nodes[at:]
+    if every_layer:  # the inner blocks' outputs, stacked: all but the last block's
+        ordered += stacked(outputs[:-1], graph.graph.initializer)
+        for node in ordered[:-1]:
+            node.output[:] = [f"{value}/traced" if value == INNER_STATES else value for value in node.output]
+    del graph.graph.node[:]
+    graph.graph.node.extend(without_unread(ordered, {v.name for v in graph.graph.output}))
+    return True
+
+
+def write_external(tensor: onnx.TensorProto, data, location: str, offset: int) -> int:
+    """Move a tensor's bytes to the open data file, leaving a reference in the graph; returns the next offset."""
+    raw = tensor.raw_data
+    data.write(raw)
+    tensor.ClearField("raw_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(raw)))):
+        tensor.external_data.add(key=key, value=value)
+    return offset + len(raw)
+
+
+def stacked(values: list[str], initializers) -> list[onnx.NodeProto]:
+    """Nodes that stack the values along a new first axis into INNER_STATES."""
+    axes = f"{INNER_STATES}/axes"
+    initializers.append(numpy_helper.from_array(torch.tensor([0]).numpy(), axes))
+    unsqueezed = [helper.make_node("Unsqueeze", [value, axes], [f"{value}/unsqueezed"]) for value in values]
+    return unsqueezed + [helper.make_node("Concat", [node.output[0] for node in unsqueezed], [INNER_STATES], axis=0)]
+
+
+def without_unread(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto]:
+    """The nodes that the graph's outputs depend on, in their order."""
+    needed, kept = set(outputs), []
+    for node in reversed(nodes):
+        if needed.intersection(node.output):
+            kept.append(node)
+            needed.update(value for value in node.input if value)
+    return kept[::-1]

@@ -1,0 +1,73 @@
+"""The backbone's ONNX export: the later blocks repeated from the second, and the whole trace where that
+cannot be trusted. (That the export scores as PyTorch does: tests/service/test_serve_precision.py.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model import onnx_export
+from model.adapters import attach_adapters
+from model.backbone import load_backbone
+from model.onnx_backbone import OnnxBackbone
+
+
+@pytest.fixture(scope="module")
+def four_block_llama(make_backbone):
+    return make_backbone("llama", n_layers=4)
+
+
+def pass_of(backbone, onnx_backbone: OnnxBackbone | None = None):
+    """Last and inner states of a padded batch, through PyTorch or the exported graph."""
+    generator = torch.Generator().manual_seed(1)
+    embeds = torch.randn(2, 6, backbone.get_input_embeddings().embedding_dim, generator=generator)
+    mask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3])
+    with torch.no_grad():
+        if onnx_backbone is not None:
+            out = onnx_backbone(embeds, mask)
+        else:
+            out = backbone.base_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False,
+                                      output_hidden_states=True)
+    real = mask.bool()
+    return [state[real] for state in (out.hidden_states[1:] if out.hidden_states else [out.last_hidden_state])]
+
+
+def test_exporting_leaves_the_models_own_states_alone(four_block_llama):
+    """A backbone exported before its first PyTorch pass still reports each block's output once in its
+    hidden states (the traced copy of its first blocks must not hook into the model's own blocks), and
+    the export gives the same states."""
+    untouched, _ = load_backbone(str(four_block_llama))
+    exported, _ = load_backbone(str(four_block_llama))
+    onnx_backbone = OnnxBackbone(exported, every_layer=True, threads=1)
+    assert onnx_backbone.assembled
+    for mine, reference in zip(pass_of(exported), pass_of(untouched)):
+        torch.testing.assert_close(mine, reference)
+    for mine, reference in zip(pass_of(exported, onnx_backbone), pass_of(untouched)):
+        torch.testing.assert_close(mine, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_blocks_that_differ_beyond_their_weights_are_traced_whole(four_block_llama):
+    """Adapters on the last block make it another graph than the second: the whole backbone is traced."""
+    backbone, _ = load_backbone(str(four_block_llama))
+    for adapter in attach_adapters(backbone, rank=2, n_layers=1).values():
+        torch.nn.init.normal_(adapter.up, std=0.5)
+    onnx_backbone = OnnxBackbone(backbone, every_layer=False, threads=1)
+    assert not onnx_backbone.assembled
+    torch.testing.assert_close(pass_of(backbone, onnx_backbone)[-1], pass_of(backbone)[-1], rtol=1e-4, atol=1e-4)
+
+
+def test_an_assembled_graph_that_computes_otherwise_is_traced_again(four_block_llama, monkeypatch):
+    """A graph put together with the wrong weights (here the second block's in every later one) fails the
+    check against PyTorch, and the whole backbone is traced instead."""
+    backbone, _ = load_backbone(str(four_block_llama))
+    repeat = onnx_export.repeat_last_block
+
+    def with_second_blocks_weights(graph, scope, n_blocks, weights, *args):
+        wrong = {name: weights[name.replace(f"{scope}.{name.split('.')[2]}.", f"{scope}.1.", 1)]
+                 if name.startswith(f"{scope}.") else tensor for name, tensor in weights.items()}
+        return repeat(graph, scope, n_blocks, wrong, *args)
+
+    monkeypatch.setattr(onnx_export, "repeat_last_block", with_second_blocks_weights)
+    onnx_backbone = OnnxBackbone(backbone, every_layer=False, threads=1)
+    assert not onnx_backbone.assembled
+    torch.testing.assert_close(pass_of(backbone, onnx_backbone)[-1], pass_of(backbone)[-1], rtol=1e-4, atol=1e-4)
