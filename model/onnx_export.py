@@ -124,7 +124,7 @@ def repeat_last_block(graph: onnx.ModelProto, scope: str, n_blocks: int, weights
                       every_layer: bool, data_file: Path) -> bool:
     """Extend a graph traced with two blocks to n_blocks (in place; the new weights written to data_file).
     False, the graph untouched, where its shape is not the one expected: one value carried from block
-    to block, the second block's weights named "<scope>.1.*"."""
+    to block, the second block's weights named "<scope>.1.*", no subgraphs in the block."""
     nodes = list(graph.graph.node)
     block = [block_of(node, scope) for node in nodes]
     first = [node for node, index in zip(nodes, block) if index == 0]
@@ -138,10 +138,12 @@ def repeat_last_block(graph: onnx.ModelProto, scope: str, n_blocks: int, weights
     carried_out = made_last & read_after
     initializers = {tensor.name for tensor in graph.graph.initializer}
     own_weights = {name for name in fed_last & initializers if name.startswith(f"{scope}.1.")}
-    later_weights = {name.replace(f"{scope}.1.", f"{scope}.{i}.", 1) for i in range(2, n_blocks) for name in own_weights}
-    if not (first and last and len(carried_in) == 1 and len(carried_out) == 1 and own_weights
-            and later_weights <= weights.keys()
-            and carried_out.isdisjoint(v.name for v in graph.graph.output)):
+    later_weights = {of_block(name, scope, i) for i in range(2, n_blocks) for name in own_weights}
+    nested = any(attribute.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                 for node in last for attribute in node.attribute)  # subgraphs would need renaming too
+    if nested or not (first and last and len(carried_in) == 1 and len(carried_out) == 1 and own_weights
+                      and later_weights <= weights.keys()
+                      and carried_out.isdisjoint(v.name for v in graph.graph.output)):
         return False
     (block_input,), (block_output,) = carried_in, carried_out
     outputs = [block_input, block_output]  # each block's output, block by block
@@ -151,7 +153,7 @@ def repeat_last_block(graph: onnx.ModelProto, scope: str, n_blocks: int, weights
             names = {value: f"{value}/{scope}.{index}" for value in made_last}
             names[block_input] = outputs[-1]
             for name in own_weights:
-                names[name] = name.replace(f"{scope}.1.", f"{scope}.{index}.", 1)
+                names[name] = of_block(name, scope, index)
                 tensor = numpy_helper.from_array(weights[names[name]].detach().float().numpy(), names[name])
                 offset = write_external(tensor, data, data_file.name, offset)
                 graph.graph.initializer.append(tensor)
@@ -173,6 +175,11 @@ def repeat_last_block(graph: onnx.ModelProto, scope: str, n_blocks: int, weights
     del graph.graph.node[:]
     graph.graph.node.extend(without_unread(ordered, {v.name for v in graph.graph.output}))
     return True
+
+
+def of_block(name: str, scope: str, index: int) -> str:
+    """The name of the second block's weight `name` in block `index`."""
+    return name.replace(f"{scope}.1.", f"{scope}.{index}.", 1)
 
 
 def write_external(tensor: onnx.TensorProto, data, location: str, offset: int) -> int:
