@@ -35,8 +35,11 @@ from model.onnx_export import export_backbone
 
 ENGINES = ("auto", "pytorch", "onnxruntime")  # what runs passes without gradients (use_engine)
 EXPORTER_LOGGERS = ("torch.onnx", "onnx_ir", "onnxscript")
-# How far the session's outputs may be from PyTorch's float32 ones: 1e-4 measured at 30 layers; a graph put
-# together wrongly (a block with another's weights) is off by the size of the states themselves.
+# How far each state vector of the session may be from PyTorch's float32 one, relative to its length.
+# Per vector, not per element: SmolLM2's states carry a few channels of 10^4 beside channels near 0, and
+# float32 rounding in those large channels moves every other one through the norms and the attention
+# (per element 3.8x over 1e-3 on an AVX-512 BF16 CPU, per vector 9e-5 to 2e-4 at 30 layers). A graph
+# put together wrongly (a block with another's weights) is off by the order of the states themselves.
 MATCH_TOLERANCE = 1e-3
 
 
@@ -94,13 +97,19 @@ class OnnxBackbone:
         expected = expected if isinstance(expected, tuple) else (expected,)
         outputs = self.session.run(None, {"inputs_embeds": embeds.numpy(), "attention_mask": mask.numpy()})
         real = mask.bool()
-        return all(torch.allclose(torch.from_numpy(out)[..., real, :], want[..., real, :], rtol=MATCH_TOLERANCE,
-                                  atol=MATCH_TOLERANCE) for out, want in zip(outputs, expected))
+        return all(relative_error(torch.from_numpy(out)[..., real, :], want[..., real, :]) <= MATCH_TOLERANCE
+                   for out, want in zip(outputs, expected))
 
     def __call__(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> BackboneOutput:
         outputs = self.session.run(None, {"inputs_embeds": inputs_embeds.detach().float().numpy(),
                                           "attention_mask": attention_mask.numpy().astype(np.int64)})
         return BackboneOutput.of(inputs_embeds, *(torch.from_numpy(output) for output in outputs))
+
+
+def relative_error(states: torch.Tensor, reference: torch.Tensor) -> float:
+    """The largest distance of a state vector from its reference, relative to the reference's length."""
+    lengths = reference.norm(dim=-1).clamp_min(torch.finfo(reference.dtype).tiny)
+    return ((states - reference).norm(dim=-1) / lengths).max().item()
 
 
 @contextlib.contextmanager
