@@ -323,10 +323,15 @@ def main() -> None:
 
     port = args.port
     rows, breakdown, bare_beside, batched = [], {}, [], None
-    # The server's settings, the minimal server's too: the same threads, and the same format chosen at load.
+    # The server's settings, the minimal server's too: the same threads, and the format this process chose at load,
+    # pinned: where two formats time close, each process's own choice could differ (the 4-layer model on an
+    # AVX-512 BF16 CPU: bfloat16 here, ONNX Runtime's float32 in the server), and the ratios compare the server
+    # with the bare pass in this process.
     server_env = {"CLLM4REC_TORCH_THREADS": str(args.threads), "CLLM4REC_DTYPE": args.dtype,
                   "CLLM4REC_MAX_BATCH_SIZE": str(args.max_batch_size), "CLLM4REC_MAX_WAIT_MS": str(args.max_wait_ms),
                   "CLLM4REC_QUEUE_SIZE": "1024"}
+    if args.dtype == "auto":
+        server_env["CLLM4REC_BACKBONE_FORMAT"] = served.precision.precision
     with serving(args.checkpoint, port, server_env, args.redis_url):
         url = f"http://127.0.0.1:{port}"
         asyncio.run(load(url, bodies[: min(16, len(bodies))], 1))  # warm the connections and caches

@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from model.checkpoint import Recommender
+from model.config import ConfigError
 from model.cllm4rec import EVERY_BATCH_SIZE, CLLM4Rec, score_prompts
 from model.cuda_graphs import GraphedBackbone, batch_buckets
 from model.onnx_backbone import OnnxBackbone
@@ -59,10 +60,13 @@ LARGEST_BATCH_REPEATS = 3
 RUNNER_FORMATS = ONNXRUNTIME_FORMATS + CUDA_GRAPH_FORMATS
 
 
+FORMATS = ("float32",) + ONNXRUNTIME_FORMATS + BFLOAT16_FORMATS + CUDA_GRAPH_FORMATS
+
+
 @dataclass
 class PrecisionChoice:
-    # The backbone's format: "float32" (PyTorch), one of the *_FORMATS, or "SMALL+LARGE": SMALL for batches of
-    # fewer than from_batch prompts, LARGE from there on
+    # The backbone's format: "float32" (PyTorch), one of the *_FORMATS, or "SMALL+LARGE@N": SMALL for batches of
+    # fewer than N (from_batch) prompts, LARGE from there on; what CLLM4REC_BACKBONE_FORMAT takes to pin it
     precision: str
     reason: str  # one line for the log
     batch1_ms: dict[str, float] = field(default_factory=dict)  # median forward time of float32 and each format
@@ -214,6 +218,79 @@ def candidate_formats(model: CLLM4Rec) -> tuple[str, ...]:
     return ONNXRUNTIME_FORMATS + (BFLOAT16_FORMATS if cpu_has_bf16_units() else ())
 
 
+def parse_backbone_format(spec: str) -> tuple[str, str | None, int | None]:
+    """A format as PrecisionChoice.precision names it -> (small batches' format, large batches' format or None,
+    the batch size where the large one takes over or None). Raises ValueError saying what is wrong."""
+    names, _, takeover = spec.partition("@")
+    small, _, large = names.partition("+")
+    for name in filter(None, (small, large)):
+        if name not in FORMATS:
+            raise ValueError(f"unknown backbone format {name!r}: one of {', '.join(FORMATS)}, or SMALL+LARGE@N")
+    if not large:
+        if takeover:
+            raise ValueError(f"{spec!r}: @N goes with two formats, SMALL+LARGE@N")
+        return small, None, None
+    if not takeover.isdigit() or int(takeover) < 2:
+        raise ValueError(f"{spec!r}: two formats need the batch size where the second takes over, at least 2 "
+                         "(SMALL+LARGE@N)")
+    if small == large:
+        raise ValueError(f"{spec!r}: two different formats, or one alone")
+    return small, large, int(takeover)
+
+
+def serve_formats(formats: dict[str, BackboneFormat], small: str, large: str | None = None,
+                  from_batch: int | None = None) -> None:
+    """Put the chosen format on, or two: `small` for batches of fewer than from_batch prompts, `large` from
+    there on (one of them runs in another engine, whose batch sizes the model is told). The engine's first:
+    it exports the float32 backbone, which a bfloat16 format would change."""
+    for name in sorted((small, large), key=lambda name: name not in RUNNER_FORMATS):
+        if name in formats:
+            formats[name].put_on()
+    if large is not None:
+        model = formats[small if small in formats else large].model
+        model.inference_batch_sizes = range(1, from_batch) if small in RUNNER_FORMATS else \
+            range(from_batch, EVERY_BATCH_SIZE.stop)
+
+
+def pin_backbone_format(recommender: Recommender, spec: str, max_batch_size: int,
+                        spinning: bool = False) -> PrecisionChoice:
+    """Serve the format CLLM4REC_BACKBONE_FORMAT names, untimed, so that every replica serves the same one (and
+    the benchmarks compare a server with a bare pass in one format). Its top 20 is still compared with
+    float32's, and the log warns where it shares less than MIN_TOP20_OVERLAP. Raises ConfigError where the
+    format is unknown, not available on this device (bfloat16 without bfloat16 units, CUDA graphs off CUDA)
+    or cannot be put on."""
+    try:
+        small, large, from_batch = parse_backbone_format(spec)
+    except ValueError as e:
+        raise ConfigError(f"CLLM4REC_BACKBONE_FORMAT: {e}") from None
+    names = [name for name in (small, large) if name is not None]
+    available = ("float32",) + candidate_formats(recommender.model)
+    for name in names:
+        if name not in available:
+            raise ConfigError(f"CLLM4REC_BACKBONE_FORMAT={spec}: {name} is not available on this "
+                              f"{recommender.device.type} (available: {', '.join(available)})")
+    if large is not None and not can_share(small, large):
+        raise ConfigError(f"CLLM4REC_BACKBONE_FORMAT={spec}: {small} and {large} cannot serve side by side (one "
+                          f"must run in another engine: {', '.join(RUNNER_FORMATS)})")
+    prompts = sample_prompts(recommender, SAMPLE_PROMPTS)
+    reference = score_in_batches(recommender.model, prompts, max_batch_size) if prompts else None
+    formats = {name: BackboneFormat(recommender, name, max_batch_size, spinning) for name in names if name != "float32"}
+    try:
+        serve_formats(formats, small, large, from_batch)
+    except Exception as e:
+        for backbone_format in formats.values():
+            backbone_format.take_off()
+        raise ConfigError(f"CLLM4REC_BACKBONE_FORMAT={spec}: the format could not be put on ({e!r})") from e
+    overlap = top20_overlap(reference, score_in_batches(recommender.model, prompts, max_batch_size)) \
+        if reference is not None else None
+    if overlap is not None and overlap < MIN_TOP20_OVERLAP:
+        log.warning("CLLM4REC_BACKBONE_FORMAT=%s shares %.3f of float32's top 20, below the %.2f a measured choice "
+                    "asks for", spec, overlap, MIN_TOP20_OVERLAP)
+    shared = f"; top 20 shared {overlap:.3f}" if overlap is not None else ""
+    return PrecisionChoice(spec, f"{spec} backbone, set by CLLM4REC_BACKBONE_FORMAT{shared}",
+                           top20_overlap={spec: overlap} if overlap is not None else {}, from_batch=from_batch)
+
+
 def choose_backbone_format(recommender: Recommender, max_batch_size: int, spinning: bool = False) -> PrecisionChoice:
     """Leave the recommender's float32 backbone in the fastest format whose rankings agree (see above);
     max_batch_size: the largest batch it will be asked to score (CLLM4REC_MAX_BATCH_SIZE); spinning: ONNX
@@ -261,7 +338,7 @@ def choose_backbone_format(recommender: Recommender, max_batch_size: int, spinni
         if small == "float32":
             return PrecisionChoice("float32", "float32 backbone, the others were slower or ranked differently "
                                    f"({shown})", batch1_ms, overlaps, largest_batch_ms)
-        formats[small].put_on()
+        serve_formats(formats, small)
         return PrecisionChoice(small, f"{small} backbone ({shown})", batch1_ms, overlaps, largest_batch_ms)
     # Where between the two the large batches' format takes over: timed at the batch buckets in between (a
     # format's time is not linear in the batch: bfloat16 gains the most from larger ones).
@@ -275,10 +352,7 @@ def choose_backbone_format(recommender: Recommender, max_batch_size: int, spinni
             if name in formats:
                 formats[name].take_off()
     from_batch = takeover_batch(timings[small], timings[large])
-    for name in (small, large):
-        if name != "float32":
-            formats[name].put_on()
-    recommender.model.inference_batch_sizes = range(1, from_batch) if small in RUNNER_FORMATS else \
-        range(from_batch, EVERY_BATCH_SIZE.stop)
-    return PrecisionChoice(f"{small}+{large}", f"{small} backbone for batches of up to {from_batch - 1} prompts, "
-                           f"{large} from {from_batch} ({shown})", batch1_ms, overlaps, largest_batch_ms, from_batch)
+    serve_formats(formats, small, large, from_batch)
+    return PrecisionChoice(f"{small}+{large}@{from_batch}", f"{small} backbone for batches of up to "
+                           f"{from_batch - 1} prompts, {large} from {from_batch} ({shown})", batch1_ms, overlaps,
+                           largest_batch_ms, from_batch)

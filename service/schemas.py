@@ -229,9 +229,12 @@ class Readiness(BaseModel):
                                 "stays ready: requests that bring their own history and the popularity fallback "
                                 "still work, stored-history requests get 503")
     shutting_down: bool
-    precision: str | None = Field(None, description="the served backbone's weights: float32, or bfloat16 where "
-                                  "the CPU has bfloat16 units and it measured faster with the same rankings "
-                                  "(CLLM4REC_DTYPE=auto), or what CLLM4REC_DTYPE sets; none while loading")
+    precision: str | None = Field(None, description="the served backbone's format: with CLLM4REC_DTYPE=auto the "
+                                  "one measured fastest with the same rankings at load (float32, "
+                                  "float32-onnxruntime, bfloat16, bfloat16-linear, float32-cuda-graphs, or "
+                                  "SMALL+LARGE@N: SMALL for batches of fewer than N prompts, LARGE from N), or the "
+                                  "one CLLM4REC_BACKBONE_FORMAT pins (it takes this value); else what "
+                                  "CLLM4REC_DTYPE sets; none while loading")
     detail: str | None = Field(None, description="why not ready, or what is degraded")
 
 

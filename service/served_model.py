@@ -37,7 +37,7 @@ from model.placement import CatalogueTexts, TextReadout, head_rows
 from model.prompts import build_recommend_prompt
 from service import metrics
 from service.catalogue import LiveItem
-from service.precision import PrecisionChoice, choose_backbone_format
+from service.precision import PrecisionChoice, choose_backbone_format, pin_backbone_format
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,10 @@ class ServedModel:
         if settings.dtype == "auto":
             if recommender.device.type == "cpu":
                 torch.set_num_threads(settings.resolved_torch_threads())  # timed as it will serve
-            precision = choose_backbone_format(recommender, settings.max_batch_size, settings.onnxruntime_spinning)
+            precision = choose_backbone_format(recommender, settings.max_batch_size, settings.onnxruntime_spinning) \
+                if settings.backbone_format == "auto" else \
+                pin_backbone_format(recommender, settings.backbone_format, settings.max_batch_size,
+                                    settings.onnxruntime_spinning)
         else:
             precision = PrecisionChoice(settings.dtype, f"CLLM4REC_DTYPE={settings.dtype}")
         popularity = torch.as_tensor(recommender.popularity, dtype=torch.float32)

@@ -70,6 +70,12 @@ class Settings(BaseSettings):
         "bfloat16 (autocast, as in training), eager or from CUDA graphs; on a CPU PyTorch's float32, ONNX "
         "Runtime's float32 or, with bfloat16 units, a bfloat16 format (small and large batches may each get their "
         "own); float16/bfloat16: all weights in half precision")
+    backbone_format: str = Field(
+        "auto", description="with CLLM4REC_DTYPE=auto, the backbone's format: auto: chosen by measurement at load; "
+        "or the one to serve, as /readyz's `precision` names it (float32, float32-onnxruntime, bfloat16, "
+        "bfloat16-linear, float32-cuda-graphs, or SMALL+LARGE@N: SMALL for batches of fewer than N prompts, LARGE "
+        "from N), untimed, so that every replica serves the same one; its top 20 is still compared with float32's "
+        "at load (the log warns below 98%)")
     torch_threads: int = Field(0, ge=0, description="intra-op CPU threads of the forward pass; 0: one per "
                                "available CPU")
     onnxruntime_spinning: bool = Field(False, description="ONNX Runtime's threads spin instead of sleeping "
@@ -140,6 +146,13 @@ class Settings(BaseSettings):
             raise ValueError("CLLM4REC_WRITE_KEY or CLLM4REC_ADMIN_KEY is set but reads have no key: set "
                              "CLLM4REC_READ_KEY (or CLLM4REC_API_KEY), or CLLM4REC_AUTH_READS=false to leave "
                              "reads open (trusted networks only)")
+        return self
+
+    @model_validator(mode="after")
+    def backbone_format_needs_float32_weights(self):
+        if self.backbone_format != "auto" and self.dtype != "auto":
+            raise ValueError(f"CLLM4REC_BACKBONE_FORMAT={self.backbone_format} picks the format of float32 weights: "
+                             f"it needs CLLM4REC_DTYPE=auto, not {self.dtype}")
         return self
 
     def scope_keys(self, scope: Literal["read", "write", "admin"]) -> list[str]:

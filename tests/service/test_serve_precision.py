@@ -6,6 +6,7 @@ which runs."""
 from __future__ import annotations
 
 import logging
+import re
 
 import pytest
 import torch
@@ -13,14 +14,23 @@ import torch
 from model.backbone import load_backbone
 from model.checkpoint import load_recommender
 from model.cllm4rec import CLLM4Rec, score_prompts
+from model.config import ConfigError
 from model.onnx_backbone import OnnxBackbone
 from model.prompts import PromptTemplates, TokenSpace, build_recommend_prompt
+import service.cli as cli
 from service import precision
 from service.precision import (BFLOAT16_FORMATS, CUDA_GRAPH_FORMATS, MIN_TOP20_OVERLAP, ONNXRUNTIME_FORMATS,
-                               candidate_formats, choose_backbone_format, sample_prompts, top20_overlap)
+                               candidate_formats, choose_backbone_format, parse_backbone_format,
+                               pin_backbone_format, sample_prompts, top20_overlap)
 from serving_helpers import metric_value, running_server, server_settings
 
 MAX_BATCH_SIZE = 8  # the formats are compared in batches of 1, 2, 4 and 8 prompts
+
+
+def served_formats(precision_name: str) -> list[str]:
+    """The one or two formats a precision names ("SMALL+LARGE@N" for two)."""
+    small, large, _ = parse_backbone_format(precision_name)
+    return [small] if large is None else [small, large]
 
 
 def test_without_bf16_units_only_onnxruntime_is_tried(tiny_checkpoint, monkeypatch):
@@ -28,7 +38,7 @@ def test_without_bf16_units_only_onnxruntime_is_tried(tiny_checkpoint, monkeypat
     recommender = load_recommender(tiny_checkpoint, "cpu")
     choice = choose_backbone_format(recommender, MAX_BATCH_SIZE)
     assert set(choice.batch1_ms) == {"float32", *ONNXRUNTIME_FORMATS} and "no bfloat16 units" in choice.reason
-    assert set(choice.precision.split("+")) <= {"float32", *ONNXRUNTIME_FORMATS}
+    assert set(served_formats(choice.precision)) <= {"float32", *ONNXRUNTIME_FORMATS}
     assert all(p.dtype == torch.float32 for p in recommender.model.backbone.parameters())
 
 
@@ -45,15 +55,15 @@ def test_the_fastest_format_that_ranks_alike_is_kept(tiny_checkpoint, monkeypatc
     assert set(choice.top20_overlap) == formats
     kept = ["float32", *(name for name in formats if choice.top20_overlap[name] >= MIN_TOP20_OVERLAP)]
     assert set(choice.batch1_ms) == set(choice.largest_batch_ms) == set(kept)  # only those that may be kept are timed
-    small, *large = choice.precision.split("+")
+    small, large, _ = parse_backbone_format(choice.precision)
     assert choice.batch1_ms[small] == min(choice.batch1_ms[name] for name in kept)
     if large:
-        assert choice.largest_batch_ms[large[0]] == min(choice.largest_batch_ms[name] for name in kept)
+        assert choice.largest_batch_ms[large] == min(choice.largest_batch_ms[name] for name in kept)
     if choice.precision != "float32":
         assert top20_overlap(reference, score_prompts(recommender.model, prompts)) >= MIN_TOP20_OVERLAP
     else:
         assert torch.equal(score_prompts(recommender.model, prompts), reference)
-    assert all(p.dtype == (torch.bfloat16 if "bfloat16" in choice.precision.split("+") else torch.float32)
+    assert all(p.dtype == (torch.bfloat16 if "bfloat16" in served_formats(choice.precision) else torch.float32)
                for p in recommender.model.backbone.base_model.layers.parameters())
     assert recommender.model.backbone.base_model.embed_tokens.weight.dtype == torch.float32
     assert recommender.model.collab_items.weight.dtype == torch.float32  # tables stay float32 either way
@@ -145,7 +155,7 @@ def test_small_and_large_batches_each_run_their_fastest_format(tiny_checkpoint, 
         backbone_format.take_off()
     choice = choose_backbone_format(recommender, MAX_BATCH_SIZE)
     model = recommender.model
-    assert choice.precision == f"{small}+{large}" and choice.from_batch == 4
+    assert choice.precision == f"{small}+{large}@4" and choice.from_batch == 4
     assert [format_on(model, size) for size in (1, 3, 4, 8, 64)] == [small, small, large, large, large]
     torch.testing.assert_close(score_prompts(model, prompts[:3]), by_format[small][0], rtol=0, atol=0)
     torch.testing.assert_close(score_prompts(model, prompts[:4]), by_format[large][1], rtol=0, atol=0)
@@ -201,7 +211,68 @@ def test_readiness_and_the_model_metric_name_the_precision(tiny_checkpoint, monk
     monkeypatch.setattr(precision, "MIN_TOP20_OVERLAP", 0.0)  # kept whenever faster, as it is on this CPU
     with running_server(server_settings(tiny_checkpoint, dtype="auto")) as server, server.client() as client:
         ready = client.get("/readyz").json()["precision"]
-        assert set(ready.split("+")) <= {"float32", "float32-onnxruntime"}
+        assert set(served_formats(ready)) <= {"float32", "float32-onnxruntime"}
         assert metric_value(client.get("/metrics").text, "cllm4rec_model_info", precision=ready) == 1
     with running_server(server_settings(tiny_checkpoint, dtype="bfloat16")) as server, server.client() as client:
         assert client.get("/readyz").json()["precision"] == "bfloat16"
+
+
+def untimed(*args, **kwargs):
+    raise AssertionError("a pinned format is not timed")
+
+
+@pytest.mark.parametrize("pinned", ["float32-onnxruntime", "float32-onnxruntime+bfloat16@4",
+                                    "bfloat16+float32-onnxruntime@4", "float32"])
+def test_a_pinned_format_is_served_untimed(tiny_checkpoint, monkeypatch, pinned):
+    """CLLM4REC_BACKBONE_FORMAT names the format as /readyz reports it; it is put on without timing anything
+    (every replica serves the same one), two formats each take their batch sizes, and its agreement with
+    float32 is still measured."""
+    monkeypatch.setattr(precision, "cpu_has_bf16_units", lambda: True)
+    monkeypatch.setattr(precision, "median_ms", untimed)
+    recommender = load_recommender(tiny_checkpoint, "cpu")
+    choice = pin_backbone_format(recommender, pinned, MAX_BATCH_SIZE)
+    assert choice.precision == pinned and "CLLM4REC_BACKBONE_FORMAT" in choice.reason
+    assert 0 < choice.top20_overlap[pinned] <= 1
+    small, large, from_batch = parse_backbone_format(pinned)
+    expected = [small] * 2 + [large] * 3 if large else [small] * 5
+    assert [format_on(recommender.model, size) for size in (1, 3, 4, 8, 64)] == expected
+    assert choice.from_batch == from_batch
+
+
+@pytest.mark.parametrize("pinned, message", [
+    ("float16", "unknown backbone format 'float16'"),
+    ("float32-onnxruntime+bfloat16", "the batch size where the second takes over"),
+    ("float32-onnxruntime+bfloat16@1", "the batch size where the second takes over"),
+    ("bfloat16@4", "@N goes with two formats"),
+    ("bfloat16+bfloat16-linear@4", "cannot serve side by side"),
+    ("float32-cuda-graphs", "float32-cuda-graphs is not available on this cpu"),
+])
+def test_a_pinned_format_that_cannot_serve_here_is_refused(tiny_checkpoint, monkeypatch, pinned, message):
+    monkeypatch.setattr(precision, "cpu_has_bf16_units", lambda: True)
+    recommender = load_recommender(tiny_checkpoint, "cpu")
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        pin_backbone_format(recommender, pinned, MAX_BATCH_SIZE)
+    assert all(p.dtype == torch.float32 for p in recommender.model.backbone.parameters())
+
+
+def test_bfloat16_is_refused_on_a_cpu_without_the_units(tiny_checkpoint, monkeypatch):
+    monkeypatch.setattr(precision, "cpu_has_bf16_units", lambda: False)
+    recommender = load_recommender(tiny_checkpoint, "cpu")
+    with pytest.raises(ConfigError, match="bfloat16 is not available on this cpu"):
+        pin_backbone_format(recommender, "bfloat16", MAX_BATCH_SIZE)
+
+
+def test_the_server_serves_the_pinned_format_and_refuses_a_bad_one(tiny_checkpoint, monkeypatch, capsys):
+    monkeypatch.setattr(precision, "median_ms", untimed)
+    settings = server_settings(tiny_checkpoint, dtype="auto", backbone_format="float32-onnxruntime")
+    with running_server(settings) as server, server.client() as client:
+        assert client.get("/readyz").json()["precision"] == "float32-onnxruntime"
+        assert metric_value(client.get("/metrics").text, "cllm4rec_model_info",
+                            precision="float32-onnxruntime") == 1
+    monkeypatch.setenv("CLLM4REC_BACKBONE_FORMAT", "float32-onnx")
+    assert cli.main(["serve", "--checkpoint", str(tiny_checkpoint)]) == 2
+    assert "unknown backbone format 'float32-onnx'" in capsys.readouterr().err
+    monkeypatch.setenv("CLLM4REC_BACKBONE_FORMAT", "float32-onnxruntime")
+    monkeypatch.setenv("CLLM4REC_DTYPE", "bfloat16")
+    assert cli.main(["serve", "--checkpoint", str(tiny_checkpoint)]) == 2
+    assert "needs CLLM4REC_DTYPE=auto" in capsys.readouterr().err
