@@ -210,14 +210,15 @@ def test_train_checkpoint_fails_when_training_fails(tmp_path):
 
 # --- docker compose ------------------------------------------------------------------------------
 
-def compose_config(*files: str, profiles: tuple[str, ...] = ()) -> dict:
+def compose_config(*files: str, profiles: tuple[str, ...] = (), **variables: str) -> dict:
+    """The composed configuration, with these variables in the shell's environment."""
     command = [tool("docker-compose")]
     for f in files:
         command += ["-f", REPO / f]
     for p in profiles:
         command += ["--profile", p]
-    out = run(*command, "config", cwd=REPO, env=clean_env(CLLM4REC_REDIS_PASSWORD=COMPOSE_REDIS_PASSWORD)).stdout
-    return yaml.safe_load(out)
+    env = clean_env(CLLM4REC_REDIS_PASSWORD=COMPOSE_REDIS_PASSWORD, **variables)
+    return yaml.safe_load(run(*command, "config", cwd=REPO, env=env).stdout)
 
 
 def mounts(service: dict) -> dict[str, str]:
@@ -320,6 +321,18 @@ def test_compose_stack_is_wired_together():
     datasource = yaml.safe_load((REPO / "docker/grafana/provisioning/datasources/prometheus.yml").read_text())
     assert datasource["datasources"][0]["url"] == "http://prometheus:9090"
     assert all(t["datasource"]["uid"] == datasource["datasources"][0]["uid"] for t in dashboard_targets())
+
+
+def test_every_server_setting_of_the_compose_table_reaches_the_api():
+    """docs/deployment.md's "Compose settings" table names what a shell or .env may set; each server setting
+    in it must be passed on to the API's container."""
+    section = (REPO / "docs" / "deployment.md").read_text().split("### Compose settings", 1)[1].split("\n#", 1)[0]
+    # CLLM4REC_PORT there is the host's port, published to the container's 8000.
+    documented = set(re.findall(r"^\| `(CLLM4REC_[A-Z0-9_]+)`", section, re.MULTILINE)) & SETTINGS_ENV - {"CLLM4REC_PORT"}
+    assert {"CLLM4REC_DEVICE", "CLLM4REC_DTYPE", "CLLM4REC_BACKBONE_FORMAT"} <= documented
+    values = {name: f"probe-{name.lower()}" for name in documented}
+    api = environment(compose_config("docker-compose.yml", **values)["services"]["api"])
+    assert {name: api.get(name) for name in documented} == values
 
 
 def test_compose_train_profile_trains_the_mounted_dataset_into_the_volume():
