@@ -17,6 +17,10 @@ bfloat16 is emulated, about ten times slower (docs/benchmarks.md), so it is not 
 tables and the item head stay float32 and PyTorch's either way: the head always computes in float32
 (CLLM4Rec.item_logits), and the tables are per-user memory that CLLM4REC_DTYPE=bfloat16 halves when
 asked for explicitly. Measured choices: docs/benchmarks.md ("Precision of the served model").
+
+CLLM4REC_BACKBONE_FORMAT pins the format instead (pin_backbone_format), written as the choice names it
+(PrecisionChoice.precision): nothing is timed, so every replica serves the same format, where replicas
+measuring on their own can choose differently when two formats time close.
 """
 
 from __future__ import annotations
