@@ -72,9 +72,10 @@ HELP = {
     "distill_weight": "weight of the cross-entropy towards a teacher (EASE, or low-rank for large catalogues) "
                       "fitted on the training part, relative to the multinomial likelihood (0: off)",
     "distill_temperature": "teacher softmax temperature, in units of its mean best score over training users",
-    "distill_lambda": "the teacher's regularisation (EASE's lambda)",
-    "teacher_text": "the teacher's item-item Gram matrix adds the items' text similarity (tf-idf of title and "
-                    "description; Jeunen et al., RecSys 2020)",
+    "distill_lambda": "the teacher's regularisation (EASE's lambda; 0: the best of 50, 200, 500, 1000 and 3000 on "
+                      "validation, as evaluate picks EASE's)",
+    "teacher_text": "the teacher's item-item Gram matrix adds the items' text similarity (tf-idf of title, "
+                    "description and the reviews of training pairs; Jeunen et al., RecSys 2020)",
     "teacher_text_weight": "weight of the text similarity, in units of the mean item count (0: the best of "
                            "0.1, 0.3, 1 and none on validation)",
     "teacher_max_items": "EASE teacher up to this many items (a dense items x items matrix), low-rank beyond",

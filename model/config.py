@@ -68,8 +68,9 @@ class TrainConfig:
     distill_temperature: float = 0.125  # teacher softmax temperature, in units of its mean best score
     # The teacher's regularisation: between 200 and 1000 EASE's validation score moved under 1% on
     # amazon-scientific and amazon-beauty, so it is not searched (each value costs an inverse).
-    distill_lambda: float = 500.0
-    teacher_text: bool = True  # the teacher's Gram matrix includes the items' text similarity (when there is text)
+    distill_lambda: float = 0.0  # the teacher's lambda (0: the best of evaluate.EASE_LAMBDAS on validation)
+    teacher_text: bool = True  # the teacher's Gram matrix includes the items' text similarity (titles, descriptions
+    # and training reviews, when there are any)
     teacher_text_weight: float = 0.0  # weight of the text similarity (0: the best of teachers.TEXT_WEIGHTS on validation)
     teacher_max_items: int = 20000  # EASE teacher up to this many items, low-rank beyond
     teacher_rank: int = 512  # rank of the low-rank teacher
@@ -110,7 +111,7 @@ class TrainConfig:
             (not self.head_readout or self.head_refit, "--head-readout needs --head-refit (the refit sets it)"),
             (self.distill_weight >= 0, "--distill-weight must not be negative"),
             (self.distill_temperature > 0, "--distill-temperature must be positive"),
-            (self.distill_lambda > 0, "--distill-lambda must be positive"),
+            (self.distill_lambda >= 0, "--distill-lambda must not be negative (0: chosen on validation)"),
             (self.teacher_text_weight >= 0, "--teacher-text-weight must not be negative"),
             (self.teacher_max_items >= 0 and self.teacher_rank >= 1, "--teacher-max-items must not be negative "
                                                                       "and --teacher-rank must be at least 1"),

@@ -14,8 +14,8 @@ with the item-item Gram matrix of interactions and item text (Jeunen, Van Balen 
 
     G = X'X + alpha T T'
 
-X is the users x items matrix of TRAINING interactions; T holds each item's text (title and
-description) as a unit-length tf-idf row over its words, so T T' is the items' text similarity and
+X is the users x items matrix of TRAINING interactions; T holds each item's text (title, description
+and the reviews of its training pairs: teacher_texts) as a unit-length tf-idf row over its words, so T T' is the items' text similarity and
 alpha weighs it against co-occurrence (text_weight x the mean item count of X, so that one value
 means the same on every dataset). With alpha 0 this is plain EASE. Item text is what a content LM
 reads; in the teacher it is what lets a closed-form model beat EASE on sparse data (docs/training.md).
@@ -30,7 +30,7 @@ temperature means the same sharpness on every dataset.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import re
@@ -39,8 +39,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from model.data import Split
-from model.evaluate import ease_weights, evaluate_scorer, interaction_matrix, selection_score
+from model.data import Dataset, Split
+from model.evaluate import EASE_LAMBDAS, ease_weights, evaluate_scorer, interaction_matrix, selection_score
 from model.initialise import truncated_svd
 
 TOP1_USERS = 2000  # training users whose mean best score sets the temperature's unit
@@ -85,6 +85,16 @@ class Teacher:
         return torch.softmax(scores, dim=-1)
 
 
+def teacher_texts(dataset: Dataset, split: Split) -> list[str]:
+    """Each item's text for the teacher: its title and description, then the reviews of its training pairs.
+    Never a validation or test pair's review: a user's own wording would tie their held-out items to their
+    training items."""
+    reviews: list[list[str]] = [[] for _ in range(dataset.n_items)]
+    for (_, item), review in split.train_reviews(dataset).items():
+        reviews[item].append(review)
+    return [" ".join(filter(None, (text, *item_reviews))) for text, item_reviews in zip(dataset.item_texts, reviews)]
+
+
 def text_matrix(texts: Sequence[str]) -> sp.csr_matrix:
     """[J, words] unit-length tf-idf rows of the item texts; words of one item or of more than
     MAX_WORD_SHARE of the items are left out (no similarity, or no distinction)."""
@@ -119,7 +129,7 @@ def text_alpha(train: sp.csr_matrix, text_weight: float) -> float:
 
 def fit_ease(train: sp.csr_matrix, lam: float, text: sp.csr_matrix | None = None, text_weight: float = 0.0) -> Teacher:
     side = (text_alpha(train, text_weight), text) if text is not None and text_weight else None
-    # float32: with lambda >= 100 the system is well conditioned, and a teacher's scores only shape a
+    # float32: with lambda >= 50 (EASE_LAMBDAS) the system is well conditioned, and a teacher's scores only shape a
     # softmax; it halves the time of the inverse (evaluate's EASE baseline stays float64).
     return Teacher("ease", lam, text_weight, ease_weights(train, lam, side, torch.float32), None, None)
 
@@ -134,18 +144,20 @@ def fit_low_rank(train: sp.csr_matrix, lam: float, rank: int, text: sp.csr_matri
     return Teacher("low-rank", lam, text_weight, None, (v * shrink).float().contiguous(), v.float().contiguous())
 
 
-def fit_teacher(split: Split, n_items: int, lam: float, max_dense_items: int, rank: int,
+def fit_teacher(split: Split, n_items: int, lam: float | None, max_dense_items: int, rank: int,
                 val_users: Sequence[int], texts: Sequence[str] = (), text_weight: float | None = None,
                 seed: int = 0) -> Teacher:
     """The teacher of a run: EASE for catalogues up to max_dense_items, else low-rank; with item text
-    when `texts` has any. text_weight None: the best of 0 and TEXT_WEIGHTS on val_users (validation
-    items score the choice, as for evaluate's EASE lambda; the fitted weights never see them)."""
+    when `texts` has any. Validation items score the choices on val_users, as for evaluate's EASE lambda
+    (the fitted weights never see them): lam None, the best of evaluate's EASE_LAMBDAS, with the text
+    weight given or else none (so plain EASE's lambda, as evaluate picks it); then, text_weight None, the
+    best of that teacher and TEXT_WEIGHTS at its lambda."""
     train = interaction_matrix(split, "val", n_items)  # the rows of the training part: known items at validation
     text = text_matrix(texts) if any(texts) else None
     if text is not None and text.nnz == 0:
         text = None
 
-    def fit(weight: float) -> Teacher:
+    def fit(lam: float, weight: float) -> Teacher:
         if n_items <= max_dense_items:
             return fit_ease(train, lam, text, weight)
         return fit_low_rank(train, lam, rank, text, weight, seed)
@@ -154,16 +166,26 @@ def fit_teacher(split: Split, n_items: int, lam: float, max_dense_items: int, ra
         return selection_score(evaluate_scorer(
             lambda users: teacher.scores([train[u].indices.tolist() for u in users]), split, "val", val_users, 256))
 
-    if text is None or text_weight is not None:
-        teacher = fit(text_weight or 0.0)  # without text the weight is not used
-    else:
-        teacher, best = None, -1.0
-        for weight in (0.0, *TEXT_WEIGHTS):  # one at a time: an EASE matrix of 12k items is 0.6 GB
-            candidate = fit(weight)
+    def best_of(choices: Iterable[tuple[float, float]], teacher: Teacher | None = None,
+                best: float = -1.0) -> tuple[Teacher, float]:
+        """The best on validation of `teacher` (scored `best`) and one fitted for each (lambda, weight) in
+        turn: one at a time, as an EASE matrix of 12k items is 0.6 GB."""
+        for choice in choices:
+            candidate = fit(*choice)
             score = validation_score(candidate)
             if score > best:
                 teacher, best = candidate, score
             del candidate
+        return teacher, best
+
+    first_weight = text_weight if text is not None and text_weight is not None else 0.0
+    if lam is None:
+        teacher, best = best_of((choice, first_weight) for choice in EASE_LAMBDAS)
+    else:
+        teacher, best = fit(lam, first_weight), None
+    if text is not None and text_weight is None:
+        best = validation_score(teacher) if best is None else best
+        teacher, _ = best_of(((teacher.lam, weight) for weight in TEXT_WEIGHTS), teacher, best)
     users = [u for u in range(train.shape[0]) if train.indptr[u + 1] > train.indptr[u]]
     sample = np.random.default_rng([seed, 3]).choice(users, min(TOP1_USERS, len(users)), replace=False)
     histories = [train[u].indices.tolist() for u in sample]

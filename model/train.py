@@ -53,7 +53,7 @@ from model.optimisation import (decay_rows, load_optimizer_tensors, make_optimiz
 from model.onnx_backbone import use_engine
 from model.precision import autocast, autocast_dtype, slow_bf16_note
 from model.prompts import PromptTemplates, TokenSpace, build_content_documents
-from model.teachers import Teacher, fit_teacher
+from model.teachers import Teacher, fit_teacher, teacher_texts
 
 log = logging.getLogger(__name__)
 STATE_DIR = "train_state"
@@ -579,10 +579,10 @@ def _train(config: TrainConfig, device: torch.device, ranks: Ranks) -> dict:
     teacher = None
     if config.distill_weight and config.finetune_epochs:
         teacher_started = time.monotonic()
-        texts = dataset.item_texts
-        teacher = fit_teacher(split, dataset.n_items, config.distill_lambda, config.teacher_max_items,
+        texts = teacher_texts(dataset, split) if config.teacher_text else ()
+        teacher = fit_teacher(split, dataset.n_items, config.distill_lambda or None, config.teacher_max_items,
                               config.teacher_rank, sample_users(evaluation_users(split, "val"), 1000, config.seed),
-                              texts if config.teacher_text else (), config.teacher_text_weight or None, config.seed)
+                              texts, config.teacher_text_weight or None, config.seed)
         print(f"teacher: {teacher.kind} (lambda {teacher.lam:g}, text weight {teacher.text_weight:g}) fitted on "
               f"the training part in "
               f"{time.monotonic() - teacher_started:.0f} s; mean best score {teacher.top1:.4g}")

@@ -18,12 +18,13 @@ from model.cli import add_train_parser, train_config
 from model.cllm4rec import COLLAB, CLLM4Rec
 from model.config import TrainConfig
 from model.data import Split, load_dataset, split_dataset
-from model.evaluate import interaction_matrix
+from model.evaluate import (EASE_LAMBDAS, evaluate_scorer, evaluation_users, interaction_matrix,
+                            selection_score)
 from model.initialise import embedding_frame, factorise, initialise
 from model.placement import average_rows
 from model.recipes import RECIPES
 from model.synthetic import write_synthetic_dataset
-from model.teachers import fit_teacher
+from model.teachers import TEXT_WEIGHTS, fit_teacher, teacher_texts
 from model.train import TENSORBOARD_DIR, train
 from service.cli import main as cli
 import training_helpers
@@ -74,6 +75,49 @@ def test_text_similarity_enters_the_teacher(data):
     with_text = fit_teacher(split, dataset.n_items, 50.0, 10**6, 16, [], texts, 3.0, seed=0)
     assert with_text.text_weight == 3.0 and plain.text_weight == 0.0
     assert with_text.weights[a, b] > 0.1 and abs(plain.weights[a, b]) < with_text.weights[a, b] / 10
+
+
+def test_the_teachers_lambda_and_text_weight_are_the_validation_best(data):
+    """No lambda given: the teacher's is the best of evaluate's grid on validation (plain EASE, as evaluate
+    picks EASE's), then the text weight the best at that lambda; the validation score never falls below
+    the teacher of any fixed lambda."""
+    dataset = load_dataset(data)
+    split = split_dataset(dataset, seed=0)
+    users = evaluation_users(split, "val")
+    known = interaction_matrix(split, "val", dataset.n_items)
+
+    def score(teacher):
+        return selection_score(evaluate_scorer(lambda batch: teacher.scores([known[u].indices.tolist() for u in batch]),
+                                               split, "val", users, 256))
+
+    plain = {lam: score(fit_teacher(split, dataset.n_items, lam, 10**6, 16, users, seed=0)) for lam in EASE_LAMBDAS}
+    assert len(set(plain.values())) > 1  # the grid is a choice here
+    picked = fit_teacher(split, dataset.n_items, None, 10**6, 16, users, seed=0)
+    assert picked.lam == max(plain, key=plain.get) and picked.text_weight == 0.0
+    texts = dataset.item_titles
+    with_text = fit_teacher(split, dataset.n_items, None, 10**6, 16, users, texts, seed=0)
+    at_lambda = {weight: score(fit_teacher(split, dataset.n_items, picked.lam, 10**6, 16, users, texts, weight, seed=0))
+                 for weight in (0.0, *TEXT_WEIGHTS)}
+    assert with_text.lam == picked.lam and with_text.text_weight == max(at_lambda, key=at_lambda.get)
+    assert score(with_text) >= max(plain.values())
+
+
+def test_teacher_text_holds_the_reviews_of_training_pairs_only(tmp_path):
+    """Each review carries a word of its own: the teacher's text of an item holds those of its training pairs
+    and none of a validation or test pair's (a user's wording would tie their held-out items to the rest)."""
+    rows = ["user_id,item_id,text"] + [f"u{u},i{(u * 7 + k) % 30},first{u}x{k} words" for u in range(40) for k in range(6)]
+    (tmp_path / "reviews.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "items.csv").write_text("item_id,title\n" + "".join(f"i{i},thing {i}\n" for i in range(30)))
+    dataset = load_dataset(tmp_path)
+    split = split_dataset(dataset, seed=0)
+    texts = teacher_texts(dataset, split)
+    assert len(texts) == dataset.n_items
+    for part in ("train", "val", "test"):
+        for u, items in enumerate(split.part(part)):
+            for item in items.tolist():
+                word = dataset.reviews[(u, item)].split()[0]
+                assert (word in texts[item].split()) == (part == "train"), (part, word)
+    assert all(text.startswith(dataset.item_texts[i]) for i, text in enumerate(texts))
 
 
 def test_ease_teacher_scores_are_sums_of_its_rows(data):
