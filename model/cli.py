@@ -72,8 +72,8 @@ HELP = {
     "distill_weight": "weight of the cross-entropy towards a teacher (EASE, or low-rank for large catalogues) "
                       "fitted on the training part, relative to the multinomial likelihood (0: off)",
     "distill_temperature": "teacher softmax temperature, in units of its mean best score over training users",
-    "distill_lambda": "the teacher's regularisation (EASE's lambda; 0: the best of 50, 200, 500, 1000 and 3000 on "
-                      "validation, as evaluate picks EASE's)",
+    "distill_lambda": "the teacher's regularisation (EASE's lambda; 0: the best of "
+                      f"{', '.join(f'{lam:g}' for lam in EASE_LAMBDAS)} on validation, as evaluate picks EASE's)",
     "teacher_text": "the teacher's item-item Gram matrix adds the items' text similarity (tf-idf of title, "
                     "description and the reviews of training pairs; Jeunen et al., RecSys 2020)",
     "teacher_text_weight": "weight of the text similarity, in units of the mean item count (0: the best of "
