@@ -15,10 +15,11 @@ with the item-item Gram matrix of interactions and item text (Jeunen, Van Balen 
     G = X'X + alpha T T'
 
 X is the users x items matrix of TRAINING interactions; T holds each item's text (title, description
-and the reviews of its training pairs: teacher_texts) as a unit-length tf-idf row over its words, so T T' is the items' text similarity and
-alpha weighs it against co-occurrence (text_weight x the mean item count of X, so that one value
-means the same on every dataset). With alpha 0 this is plain EASE. Item text is what a content LM
-reads; in the teacher it is what lets a closed-form model beat EASE on sparse data (docs/training.md).
+and the reviews of its training pairs: teacher_texts) as a unit-length tf-idf row over its words, so
+T T' is the items' text similarity and alpha weighs it against co-occurrence (text_weight x the mean
+item count of X, so that one value means the same on every dataset). With alpha 0 this is plain EASE.
+Item text is what a content LM reads; in the teacher it is what lets a closed-form model beat EASE on
+sparse data (docs/training.md).
 Validation and test interactions never reach a teacher, so neither the model's selection nor its
 test figures can leak through it.
 
@@ -48,8 +49,8 @@ TOP1_USERS = 2000  # training users whose mean best score sets the temperature's
 # (about a minute at 12k items on one core), so the grid is short: the best weights measured were 1
 # on amazon-scientific and 0.3 on amazon-beauty (docs/training.md).
 TEXT_WEIGHTS = (0.1, 0.3, 1.0)
-# Where the text weight is chosen when the lambda is chosen too (after it, at that weight): one search at a
-# time, 8 fits instead of a grid's 20. Weight first measured better than lambda first on two of the three
+# Where the text weight is chosen when the lambda is chosen too (the lambda after it, at that weight): one
+# search at a time, 8 fits instead of a grid's 20. Weight first measured better than lambda first on two of the three
 # datasets (docs/training.md, "The teacher's lambda, and reviews as item text").
 TEXT_WEIGHT_LAMBDA = 500.0
 MAX_WORD_SHARE = 0.1  # words in more than this share of item texts carry no similarity
@@ -133,8 +134,8 @@ def text_alpha(train: sp.csr_matrix, text_weight: float) -> float:
 
 def fit_ease(train: sp.csr_matrix, lam: float, text: sp.csr_matrix | None = None, text_weight: float = 0.0) -> Teacher:
     side = (text_alpha(train, text_weight), text) if text is not None and text_weight else None
-    # float32: with lambda >= 50 (EASE_LAMBDAS) the system is well conditioned, and a teacher's scores only shape a
-    # softmax; it halves the time of the inverse (evaluate's EASE baseline stays float64).
+    # float32: with lambda >= 50 (EASE_LAMBDAS) the system is well conditioned, and a teacher's scores only
+    # shape a softmax; it halves the time of the inverse (evaluate's EASE baseline stays float64).
     return Teacher("ease", lam, text_weight, ease_weights(train, lam, side, torch.float32), None, None)
 
 
@@ -187,12 +188,10 @@ def fit_teacher(split: Split, n_items: int, lam: float | None, max_dense_items: 
     if lam is not None and len(weights) == 1:
         teacher = fit(lam, weights[0])  # nothing to choose
     else:
-        teacher, best = best_of((lam or TEXT_WEIGHT_LAMBDA, weight) for weight in weights) if len(weights) > 1 \
-            else (None, -1.0)
+        teacher, best = best_of((lam or TEXT_WEIGHT_LAMBDA, weight) for weight in weights)
         if lam is None:  # then the lambda, at the weight chosen
-            weight = weights[0] if teacher is None else teacher.text_weight
-            teacher, best = best_of(((choice, weight) for choice in EASE_LAMBDAS
-                                     if teacher is None or choice != teacher.lam), teacher, best)
+            teacher, _ = best_of(((choice, teacher.text_weight) for choice in EASE_LAMBDAS if choice != teacher.lam),
+                                 teacher, best)
     users = [u for u in range(train.shape[0]) if train.indptr[u + 1] > train.indptr[u]]
     sample = np.random.default_rng([seed, 3]).choice(users, min(TOP1_USERS, len(users)), replace=False)
     histories = [train[u].indices.tolist() for u in sample]
