@@ -15,15 +15,15 @@ import time
 from model.config import TrainConfig
 from model.data import load_dataset, split_dataset
 from model.evaluate import evaluate_scorer, evaluation_users, interaction_matrix, sample_users
-from model.teachers import fit_teacher, teacher_texts
+from model.teachers import TEXT_WEIGHT_LAMBDA, fit_teacher, teacher_texts
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True)
     parser.add_argument("--weights", type=float, nargs="+", default=[0.0, 0.1, 0.3, 1.0, 3.0])
-    parser.add_argument("--lam", type=float, default=500.0, help="the teacher's lambda (the trainer picks it on "
-                        "validation unless --distill-lambda is given)")
+    parser.add_argument("--lam", type=float, default=TEXT_WEIGHT_LAMBDA, help="the teacher's lambda (where the "
+                        "trainer chooses the text weight, before it picks the lambda at that weight)")
     parser.add_argument("--users", type=int, default=2000, help="validation users scored")
     parser.add_argument("--max-dense-items", type=int, default=TrainConfig.teacher_max_items,
                         help="0: the low-rank teacher at any catalogue size")
