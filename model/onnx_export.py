@@ -15,9 +15,16 @@ expects, the whole backbone is traced as before. OnnxBackbone checks the result 
 from __future__ import annotations
 
 import ast
+import contextlib
 import copy
+import functools
 import re
+import sys
+import threading
+import types
 import warnings
+from collections import defaultdict
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import onnx
@@ -31,25 +38,30 @@ OPSET = 23  # the first with Attention as one operator (and onnxruntime>=1.23, p
 TRACED_BLOCKS = 2  # the first block is fed by the embeddings; the second is the one every later block repeats
 SCOPES = "pkg.torch.onnx.name_scopes"  # where torch.export's exporter records each node's module path
 INNER_STATES = "inner_states"  # ExportedBackbone's second output with every_layer
+ROTATION = "apply_rotary_pos_emb"  # what Hugging Face's modeling modules call their rotary embedding
+# One export at a time: each replaces a modeling module's rotation while it traces (rotations_as_one_operator).
+EXPORTING = threading.Lock()
 
 
 def export_backbone(backbone: nn.Module, every_layer: bool, path: Path, repeat_blocks: bool = True) -> bool:
     """Write the backbone's graph (embeddings and mask in; ExportedBackbone's outputs) to path, its weights
     in files beside it. True where the later blocks were repeated rather than traced."""
     blocks = decoder_layers(backbone)
-    if not repeat_blocks or len(blocks) <= TRACED_BLOCKS or not blocks_alike(backbone, blocks):
-        trace(backbone, every_layer, path)
-        return False
-    trace(first_blocks(backbone, TRACED_BLOCKS), every_layer, path)
-    graph = onnx.load(str(path), load_external_data=False)
-    scope = f"base_model.{module_path(backbone.base_model, blocks)}"
     exported = ExportedBackbone(backbone, every_layer)
     weights = dict(exported.named_parameters()) | dict(exported.named_buffers())
-    if not repeat_last_block(graph, scope, len(blocks), weights, every_layer, path.parent / "repeated_blocks.data"):
+    repeated = repeat_blocks and len(blocks) > TRACED_BLOCKS and blocks_alike(backbone, blocks)
+    if repeated:
+        trace(first_blocks(backbone, TRACED_BLOCKS), every_layer, path)
+        graph = onnx.load(str(path), load_external_data=False)
+        scope = f"base_model.{module_path(backbone.base_model, blocks)}"
+        repeated = repeat_last_block(graph, scope, len(blocks), weights, every_layer,
+                                     path.parent / "repeated_blocks.data")
+    if not repeated:
         trace(backbone, every_layer, path)
-        return False
+        graph = onnx.load(str(path), load_external_data=False)
+    fuse_sibling_products(graph, weights, path.parent / "fused_products.data")
     onnx.save(graph, str(path))
-    return True
+    return repeated
 
 
 def trace(backbone: nn.Module, every_layer: bool, path: Path) -> None:
@@ -60,7 +72,7 @@ def trace(backbone: nn.Module, every_layer: bool, path: Path) -> None:
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
     outputs = ["last_hidden_state", INNER_STATES] if every_layer else ["last_hidden_state"]
     sizes = {0: torch.export.Dim("batch"), 1: torch.export.Dim("tokens")}
-    with warnings.catch_warnings(), torch.no_grad():
+    with EXPORTING, warnings.catch_warnings(), torch.no_grad(), operators_of_onnx(backbone):
         warnings.simplefilter("ignore")  # the exporter's notes on what it specialises
         # optimize=False: onnxscript's own pass over the graph took 15 s more at 30 layers and left ONNX
         # Runtime's optimised graph no faster.
@@ -68,6 +80,101 @@ def trace(backbone: nn.Module, every_layer: bool, path: Path) -> None:
                           input_names=["inputs_embeds", "attention_mask"], output_names=outputs,
                           dynamic_shapes={"inputs_embeds": sizes, "attention_mask": sizes},
                           opset_version=OPSET, dynamo=True, optimize=False, verbose=False)
+
+
+@contextlib.contextmanager
+def operators_of_onnx(backbone: nn.Module) -> Iterator[None]:
+    """Trace the backbone's RMS norms and rotary embeddings as the one ONNX operator each has
+    (RMSNormalization, RotaryEmbedding). Hugging Face writes them out (a norm as square, mean, add, square
+    root, reciprocal and two products; a rotation as slices, a negation, a concatenation, products and a
+    sum), which ONNX Runtime's fusions do not recognise, and each node pays its dispatch: one operator
+    each made SmolLM2's 30-layer batch-1 pass 4% (norms) and 4% (rotations) faster (docs/benchmarks.md).
+    Only what computes exactly the operator's result on random inputs is replaced; the graph as a whole
+    is checked against PyTorch after (OnnxBackbone)."""
+    with norms_as_one_operator(backbone), rotations_as_one_operator(backbone):
+        yield
+
+
+@contextlib.contextmanager
+def norms_as_one_operator(backbone: nn.Module) -> Iterator[None]:
+    """The norms that compute torch's rms_norm (not, say, Gemma's, which scales by 1 + weight) run it while
+    traced, which the exporter writes as RMSNormalization."""
+    replaced = [module for module in backbone.modules() if computes_rms_norm(module)]
+    for module in replaced:
+        module.forward = types.MethodType(rms_norm_forward, module)
+    try:
+        yield
+    finally:
+        for module in replaced:
+            del module.forward
+
+
+def computes_rms_norm(module: nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    epsilon = rms_norm_epsilon(module)
+    if not type(module).__name__.endswith("RMSNorm") or not isinstance(weight, torch.Tensor) \
+            or weight.dim() != 1 or epsilon is None:
+        return False
+    generator = torch.Generator().manual_seed(0)
+    probe = torch.randn(3, weight.numel(), generator=generator, dtype=weight.dtype)
+    with torch.no_grad():
+        return torch.allclose(module(probe), rms_norm_forward(module, probe), rtol=1e-5, atol=1e-6)
+
+
+def rms_norm_epsilon(module: nn.Module) -> float | None:
+    epsilon = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    return epsilon if isinstance(epsilon, float) else None
+
+
+def rms_norm_forward(module: nn.Module, states: torch.Tensor) -> torch.Tensor:
+    return nn.functional.rms_norm(states, (states.shape[-1],), module.weight, rms_norm_epsilon(module))
+
+
+@contextlib.contextmanager
+def rotations_as_one_operator(backbone: nn.Module) -> Iterator[None]:
+    """Hugging Face's modeling modules each define apply_rotary_pos_emb, which their attention calls by
+    name: where it computes RotaryEmbedding's rotation, the modules of the backbone's layers call
+    rotary_embedding instead while traced. That name is global to the module, so a PyTorch pass of the
+    same model family elsewhere (a model serving while another is exported) calls it meanwhile too, with
+    the same result (the check below; exports take EXPORTING one at a time)."""
+    modeling = {sys.modules[type(module).__module__] for module in backbone.modules()}
+    replaced = [(namespace, getattr(namespace, ROTATION)) for namespace in modeling
+                if callable(getattr(namespace, ROTATION, None)) and rotates_as_onnx(getattr(namespace, ROTATION))]
+    for namespace, original in replaced:
+        setattr(namespace, ROTATION, functools.partial(rotary_embedding, original))
+    try:
+        yield
+    finally:
+        for namespace, original in replaced:
+            setattr(namespace, ROTATION, original)
+
+
+def rotary_embedding(original: Callable, queries: torch.Tensor, keys: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """apply_rotary_pos_emb through ONNX's RotaryEmbedding: queries and keys (batch, heads, tokens, head
+    size), cos and sin (batch, tokens, rotated size) with their two halves alike, as Hugging Face's rotary
+    modules make them. Any other call (another layout) goes to the original."""
+    if args or kwargs or queries.dim() != 4 or cos.dim() != 3:
+        return original(queries, keys, cos, sin, *args, **kwargs)
+    half = cos.shape[-1] // 2
+    partial = cos.shape[-1] if cos.shape[-1] < queries.shape[-1] else 0
+    # One row of positions serves the batch in Hugging Face's rotary modules; the operator wants one per prompt.
+    cos, sin = (table[..., :half].expand(queries.shape[0], -1, -1) for table in (cos, sin))
+    return tuple(torch.onnx.ops.rotary_embedding(states, cos, sin, rotary_embedding_dim=partial)
+                 for states in (queries, keys))
+
+
+def rotates_as_onnx(function: Callable) -> bool:
+    generator = torch.Generator().manual_seed(0)
+    queries, keys = torch.randn(2, 4, 5, 8, generator=generator), torch.randn(2, 2, 5, 8, generator=generator)
+    angles = torch.randn(2, 5, 4, generator=generator).repeat(1, 1, 2)
+    try:
+        with torch.no_grad():
+            expected = function(queries, keys, angles.cos(), angles.sin())
+            mine = rotary_embedding(function, queries, keys, angles.cos(), angles.sin())
+        return all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(expected, mine, strict=True))
+    except Exception:  # another signature: not Hugging Face's rotation
+        return False
 
 
 def blocks_alike(backbone: nn.Module, blocks: nn.ModuleList) -> bool:
@@ -191,6 +298,57 @@ def write_external(tensor: onnx.TensorProto, data, location: str, offset: int) -
     for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(raw)))):
         tensor.external_data.add(key=key, value=value)
     return offset + len(raw)
+
+
+def fuse_sibling_products(graph: onnx.ModelProto, weights: dict[str, torch.Tensor], data_file: Path) -> int:
+    """Products of one value by several of the model's weights (a block's query, key and value; its gate
+    and up) as one product by those weights side by side, split after it (in place; the joined weights
+    written to data_file). Fewer, wider products: at a prompt's few rows a CPU runs them closer to its
+    peak, and each product pays its dispatch once (at SmolLM2's 30 layers the batch-1 pass 7% faster,
+    docs/benchmarks.md). Returns how many groups were joined."""
+    nodes = list(graph.graph.node)
+    made_by = {value: node for node in nodes for value in node.output}
+
+    def weight_of(product: onnx.NodeProto) -> torch.Tensor | None:
+        """The weight a MatMul multiplies by, as the exporter writes a linear layer: a transposed initializer."""
+        source = made_by.get(product.input[1])
+        if source is None or source.op_type != "Transpose" or source.input[0] not in weights:
+            return None
+        weight = weights[source.input[0]]
+        perm = next((list(a.ints) for a in source.attribute if a.name == "perm"), None)
+        return weight if weight.dim() == 2 and perm in ([1, 0], None) else None
+
+    siblings: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for node in nodes:
+        if node.op_type == "MatMul" and weight_of(node) is not None:
+            siblings[node.input[0]].append(node)
+    joined: dict[int, list[onnx.NodeProto]] = {}  # the first product of a group -> its replacement
+    offset = 0
+    with open(data_file, "wb") as data:
+        for value, products in siblings.items():
+            if len(products) < 2:
+                continue
+            parts = [weight_of(product).detach().float().t() for product in products]
+            name = f"{products[0].name}/joined"
+            tensor = numpy_helper.from_array(torch.cat(parts, dim=1).contiguous().numpy(), name)
+            offset = write_external(tensor, data, data_file.name, offset)
+            widths = numpy_helper.from_array(torch.tensor([part.shape[1] for part in parts]).numpy(), f"{name}/widths")
+            graph.graph.initializer.extend([tensor, widths])
+            joined[id(products[0])] = [
+                helper.make_node("MatMul", [value, name], [f"{name}/product"], name=name),
+                helper.make_node("Split", [f"{name}/product", widths.name], [p.output[0] for p in products],
+                                 axis=-1, name=f"{name}/split")]
+            joined.update({id(product): [] for product in products[1:]})
+    if not joined:
+        return 0
+    ordered = [new for node in nodes for new in joined.get(id(node), [node])]
+    del graph.graph.node[:]
+    graph.graph.node.extend(without_unread(ordered, {v.name for v in graph.graph.output}))
+    read = {value for node in graph.graph.node for value in node.input}
+    kept = [tensor for tensor in graph.graph.initializer if tensor.name in read]
+    del graph.graph.initializer[:]
+    graph.graph.initializer.extend(kept)
+    return sum(1 for replacement in joined.values() if replacement)
 
 
 def stacked(values: list[str], initializers) -> list[onnx.NodeProto]:

@@ -3,8 +3,12 @@ cannot be trusted. (That the export scores as PyTorch does: tests/service/test_s
 
 from __future__ import annotations
 
+from collections import Counter
+
+import onnx
 import pytest
 import torch
+from transformers.models.llama import modeling_llama
 
 from model import onnx_export
 from model.adapters import attach_adapters
@@ -71,6 +75,51 @@ def test_an_assembled_graph_that_computes_otherwise_is_traced_again(four_block_l
     onnx_backbone = OnnxBackbone(backbone, every_layer=False, threads=1)
     assert not onnx_backbone.assembled
     torch.testing.assert_close(pass_of(backbone, onnx_backbone)[-1], pass_of(backbone)[-1], rtol=1e-4, atol=1e-4)
+
+
+def test_norms_and_rotations_are_one_operator_each_and_sibling_products_one_product(four_block_llama, tmp_path):
+    """The graph ONNX Runtime runs: each RMS norm one RMSNormalization, each rotation of queries or keys one
+    RotaryEmbedding, a block's query, key and value one product and its gate and up another, and the
+    states still PyTorch's. Hugging Face's own functions are back in place after the export."""
+    backbone, _ = load_backbone(str(four_block_llama))
+    rotation = modeling_llama.apply_rotary_pos_emb
+    assert onnx_export.export_backbone(backbone, every_layer=True, path=tmp_path / "backbone.onnx")
+    operators = Counter(node.op_type for node in onnx.load(str(tmp_path / "backbone.onnx")).graph.node)
+    blocks = 4
+    assert operators["RMSNormalization"] == 2 * blocks + 1
+    assert operators["RotaryEmbedding"] == 2 * blocks
+    assert operators["MatMul"] == 4 * blocks  # q|k|v, o, gate|up, down
+    assert {"Pow", "ReduceMean", "Neg", "Sqrt"}.isdisjoint(operators)
+    assert modeling_llama.apply_rotary_pos_emb is rotation
+    assert all("forward" not in vars(module) for module in backbone.modules())
+    onnx_backbone = OnnxBackbone(backbone, every_layer=True, threads=1)
+    for mine, reference in zip(pass_of(backbone, onnx_backbone), pass_of(backbone)):
+        torch.testing.assert_close(mine, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_norms_and_rotations_that_compute_otherwise_are_traced_as_written():
+    """A norm that scales by 1 + weight (Gemma's) is not RMSNormalization, an interleaved rotation is not
+    the halves' RotaryEmbedding: both stay as their model writes them."""
+    class GemmaLikeRMSNorm(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(8))
+            self.eps = 1e-6
+
+        def forward(self, states):
+            return states * torch.rsqrt(states.pow(2).mean(-1, keepdim=True) + self.eps) * (1 + self.weight)
+
+    def interleaved_rotation(queries, keys, cos, sin):
+        def rotate(states):
+            pairs = states.unflatten(-1, (-1, 2))
+            return torch.stack((-pairs[..., 1], pairs[..., 0]), -1).flatten(-2)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        return queries * cos + rotate(queries) * sin, keys * cos + rotate(keys) * sin
+
+    assert onnx_export.computes_rms_norm(modeling_llama.LlamaRMSNorm(8, eps=1e-6))
+    assert not onnx_export.computes_rms_norm(GemmaLikeRMSNorm())
+    assert onnx_export.rotates_as_onnx(modeling_llama.apply_rotary_pos_emb)
+    assert not onnx_export.rotates_as_onnx(interleaved_rotation)
 
 
 def test_rounding_in_a_massive_channel_passes_the_check_and_another_state_does_not():
