@@ -43,6 +43,7 @@ TRACED_BLOCKS = 2  # the first block is fed by the embeddings; the second is the
 SCOPES = "pkg.torch.onnx.name_scopes"  # where torch.export's exporter records each node's module path
 INNER_STATES = "inner_states"  # ExportedBackbone's second output with every_layer
 ROTATION = "apply_rotary_pos_emb"  # what Hugging Face's modeling modules call their rotary embedding
+JOINED = "+"  # between the names of weights joined side by side (JoinedWeights)
 # One export at a time: each replaces a modeling module's rotation while it traces (rotations_as_one_operator).
 EXPORTING = threading.Lock()
 
@@ -52,18 +53,21 @@ def export_backbone(backbone: nn.Module, every_layer: bool, path: Path, repeat_b
     in files beside it. True where the later blocks were repeated rather than traced."""
     blocks = decoder_layers(backbone)
     exported = ExportedBackbone(backbone, every_layer)
-    weights = dict(exported.named_parameters()) | dict(exported.named_buffers())
+    weights = JoinedWeights(dict(exported.named_parameters()) | dict(exported.named_buffers()))
+    joined_data = path.parent / "joined_products.data"
     repeated = repeat_blocks and len(blocks) > TRACED_BLOCKS and blocks_alike(backbone, blocks)
     if repeated:
         trace(first_blocks(backbone, TRACED_BLOCKS), every_layer, path)
         graph = onnx.load(str(path), load_external_data=False)
+        # Joined before the blocks are repeated, so the later blocks' weights are written once, joined.
+        fuse_sibling_products(graph, weights, joined_data)
         scope = f"base_model.{module_path(backbone.base_model, blocks)}"
         repeated = repeat_last_block(graph, scope, len(blocks), weights, every_layer,
                                      path.parent / "repeated_blocks.data")
     if not repeated:
         trace(backbone, every_layer, path)
         graph = onnx.load(str(path), load_external_data=False)
-    fuse_sibling_products(graph, weights, path.parent / "fused_products.data")
+        fuse_sibling_products(graph, weights, joined_data)
     onnx.save(graph, str(path))
     return repeated
 
@@ -256,7 +260,7 @@ def repeat_last_block(graph: onnx.ModelProto, scope: str, n_blocks: int, weights
     nested = any(attribute.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
                  for node in last for attribute in node.attribute)  # subgraphs would need renaming too
     if nested or not (first and last and len(carried_in) == 1 and len(carried_out) == 1 and own_weights
-                      and later_weights <= weights.keys()
+                      and all(name in weights for name in later_weights)
                       and carried_out.isdisjoint(v.name for v in graph.graph.output)):
         return False
     (block_input,), (block_output,) = carried_in, carried_out
@@ -292,8 +296,8 @@ def repeat_last_block(graph: onnx.ModelProto, scope: str, n_blocks: int, weights
 
 
 def of_block(name: str, scope: str, index: int) -> str:
-    """The name of the second block's weight `name` in block `index`."""
-    return name.replace(f"{scope}.1.", f"{scope}.{index}.", 1)
+    """The name of the second block's weight `name` in block `index` (of each of its parts, where joined)."""
+    return name.replace(f"{scope}.1.", f"{scope}.{index}.")
 
 
 def write_external(tensor: onnx.TensorProto, data, location: str, offset: int) -> int:
@@ -307,44 +311,67 @@ def write_external(tensor: onnx.TensorProto, data, location: str, offset: int) -
     return offset + len(raw)
 
 
-def fuse_sibling_products(graph: onnx.ModelProto, weights: dict[str, torch.Tensor], data_file: Path) -> int:
+class JoinedWeights(dict):
+    """The model's weights by name, and, named "<first>+<second>+...", those weights side by side as a
+    joined product multiplies by them (each transposed to input by output). Joined weights are made when
+    asked for: a block's are in memory only while they are written."""
+
+    def __missing__(self, name: str) -> torch.Tensor:
+        parts = name.split(JOINED)
+        if len(parts) < 2 or not all(dict.__contains__(self, part) for part in parts):
+            raise KeyError(name)
+        return torch.cat([self[part].detach().float().t() for part in parts], dim=1).contiguous()
+
+    def __contains__(self, name: object) -> bool:
+        return dict.__contains__(self, name) or (
+            isinstance(name, str) and JOINED in name and all(dict.__contains__(self, part) for part in name.split(JOINED)))
+
+
+def fuse_sibling_products(graph: onnx.ModelProto, weights: JoinedWeights, data_file: Path) -> int:
     """Products of one value by several of the model's weights (a block's query, key and value; its gate
     and up) as one product by those weights side by side, split after it (in place; the joined weights
-    written to data_file). Fewer, wider products: at a prompt's few rows a CPU runs them closer to its
-    peak, and each product pays its dispatch once (at SmolLM2's 30 layers the batch-1 pass 7% faster,
-    docs/benchmarks.md). Returns how many groups were joined."""
+    written to data_file, under their JoinedWeights names, so that repeat_last_block finds each later
+    block's). Fewer, wider products: at a prompt's few rows a CPU runs them closer to its peak, and each
+    product pays its dispatch once (at SmolLM2's 30 layers the batch-1 pass 7% faster, docs/benchmarks.md).
+    Returns how many groups were joined."""
     nodes = list(graph.graph.node)
     made_by = {value: node for node in nodes for value in node.output}
 
-    def weight_of(product: onnx.NodeProto) -> torch.Tensor | None:
+    def weight_name(product: onnx.NodeProto) -> str | None:
         """The weight a MatMul multiplies by, as the exporter writes a linear layer: a transposed initializer."""
         source = made_by.get(product.input[1])
         if source is None or source.op_type != "Transpose" or source.input[0] not in weights:
             return None
-        weight = weights[source.input[0]]
         perm = next((list(a.ints) for a in source.attribute if a.name == "perm"), None)
-        return weight if weight.dim() == 2 and perm in ([1, 0], None) else None
+        return source.input[0] if weights[source.input[0]].dim() == 2 and perm in ([1, 0], None) else None
 
     siblings: dict[str, list[onnx.NodeProto]] = defaultdict(list)
     for node in nodes:
-        if node.op_type == "MatMul" and weight_of(node) is not None:
+        if node.op_type == "MatMul" and weight_name(node) is not None:
             siblings[node.input[0]].append(node)
     joined: dict[int, list[onnx.NodeProto]] = {}  # the first product of a group -> its replacement
+    initializers = {tensor.name for tensor in graph.graph.initializer}
     offset = 0
     with open(data_file, "wb") as data:
         for value, products in siblings.items():
             if len(products) < 2:
                 continue
-            parts = [weight_of(product).detach().float().t() for product in products]
-            name = f"{products[0].name}/joined"
-            tensor = numpy_helper.from_array(torch.cat(parts, dim=1).contiguous().numpy(), name)
+            name = JOINED.join(weight_name(product) for product in products)
+            tensor = numpy_helper.from_array(weights[name].numpy(), name)
             offset = write_external(tensor, data, data_file.name, offset)
-            widths = numpy_helper.from_array(torch.tensor([part.shape[1] for part in parts]).numpy(), f"{name}/widths")
-            graph.graph.initializer.extend([tensor, widths])
-            joined[id(products[0])] = [
+            graph.graph.initializer.append(tensor)
+            widths = [weights[weight_name(product)].shape[0] for product in products]
+            widths_name = f"joined_widths/{'_'.join(map(str, widths))}"  # shared by every block alike
+            if widths_name not in initializers:
+                graph.graph.initializer.append(numpy_helper.from_array(torch.tensor(widths).numpy(), widths_name))
+                initializers.add(widths_name)
+            replacement = [
                 helper.make_node("MatMul", [value, name], [f"{name}/product"], name=name),
-                helper.make_node("Split", [f"{name}/product", widths.name], [p.output[0] for p in products],
+                helper.make_node("Split", [f"{name}/product", widths_name], [p.output[0] for p in products],
                                  axis=-1, name=f"{name}/split")]
+            for node in replacement:  # in the block of the products it replaces (block_of)
+                node.metadata_props.extend(products[0].metadata_props)
+            joined[id(products[0])] = replacement
             joined.update({id(product): [] for product in products[1:]})
     if not joined:
         return 0

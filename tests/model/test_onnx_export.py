@@ -67,12 +67,16 @@ def test_an_assembled_graph_that_computes_otherwise_is_traced_again(four_block_l
     repeat = onnx_export.repeat_last_block
 
     def with_second_blocks_weights(graph, scope, n_blocks, weights, *args):
-        wrong = {name: weights[name.replace(f"{scope}.{name.split('.')[2]}.", f"{scope}.1.", 1)]
-                 if name.startswith(f"{scope}.") else tensor for name, tensor in weights.items()}
-        return repeat(graph, scope, n_blocks, wrong, *args)
+        wrong = onnx_export.JoinedWeights(
+            {name: weights[name.replace(f"{scope}.{name.split('.')[2]}.", f"{scope}.1.", 1)]
+             if name.startswith(f"{scope}.") else tensor for name, tensor in weights.items()})
+        assembled.append(repeat(graph, scope, n_blocks, wrong, *args))
+        return assembled[-1]
 
+    assembled = []
     monkeypatch.setattr(onnx_export, "repeat_last_block", with_second_blocks_weights)
     onnx_backbone = OnnxBackbone(backbone, every_layer=False, threads=1)
+    assert assembled == [True], "the graph must have been put together (with the wrong weights)"
     assert not onnx_backbone.assembled
     torch.testing.assert_close(pass_of(backbone, onnx_backbone)[-1], pass_of(backbone)[-1], rtol=1e-4, atol=1e-4)
 
