@@ -96,10 +96,10 @@ def operators_of_onnx(backbone: nn.Module) -> Iterator[None]:
     (RMSNormalization, RotaryEmbedding). Hugging Face writes them out (a norm as square, mean, add, square
     root, reciprocal and two products; a rotation as slices, a negation, a concatenation, products and a
     sum), which ONNX Runtime's fusions do not recognise, and each node pays its dispatch: one operator
-    each made SmolLM2's 30-layer batch-1 pass 4% (norms) and 4% (rotations) faster (docs/benchmarks.md).
-    Only what computes exactly the operator's result on random inputs is replaced; the graph as a whole
-    is checked against PyTorch after (OnnxBackbone)."""
-    with norms_as_one_operator(backbone), rotations_as_one_operator(backbone):
+    each made SmolLM2's 30-layer batch-1 pass 4% (norms) and 4% (rotations) faster, and the attention
+    with its heads unsplit another 4% (docs/benchmarks.md). Only what computes exactly what it replaces
+    on random inputs is replaced; the graph as a whole is checked against PyTorch after (OnnxBackbone)."""
+    with norms_as_one_operator(backbone), rotations_as_one_operator(backbone), attention_unsplit(backbone):
         yield
 
 
@@ -167,12 +167,78 @@ def rotary_embedding(original: Callable, queries: torch.Tensor, keys: torch.Tens
     modules make them. Any other call (another layout) goes to the original."""
     if args or kwargs or queries.dim() != 4 or cos.dim() != 3:
         return original(queries, keys, cos, sin, *args, **kwargs)
+    return tuple(rotated(states, cos, sin, queries.shape[-1]) for states in (queries, keys))
+
+
+def rotated(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_size: int,
+            heads: int = 0) -> torch.Tensor:
+    """States through ONNX's RotaryEmbedding: (batch, heads, tokens, head size), or (batch, tokens, heads x
+    head size) given heads; cos and sin (batch or 1, tokens, rotated size) with their two halves alike."""
     half = cos.shape[-1] // 2
-    partial = cos.shape[-1] if cos.shape[-1] < queries.shape[-1] else 0
+    partial = cos.shape[-1] if cos.shape[-1] < head_size else 0
     # One row of positions serves the batch in Hugging Face's rotary modules; the operator wants one per prompt.
-    cos, sin = (table[..., :half].expand(queries.shape[0], -1, -1) for table in (cos, sin))
-    return tuple(torch.onnx.ops.rotary_embedding(states, cos, sin, rotary_embedding_dim=partial)
-                 for states in (queries, keys))
+    cos, sin = (table[..., :half].expand(states.shape[0], -1, -1) for table in (cos, sin))
+    return torch.onnx.ops.rotary_embedding(states, cos, sin, num_heads=heads, rotary_embedding_dim=partial)
+
+
+@contextlib.contextmanager
+def attention_unsplit(backbone: nn.Module) -> Iterator[None]:
+    """Attention modules with their own query, key, value and output projections (Llama's, Qwen2's,
+    Mistral's) are traced as attention_of_onnx: ONNX's RotaryEmbedding and Attention take the heads as
+    attributes, so the states stay (batch, tokens, heads x head size), without the reshapes and
+    transposes of each head's split. Kept only where the backbone then computes what it computed before
+    on a padded batch of random embeddings (not, say, Qwen3's, whose heads are normed after the split)."""
+    replaced = [module for module in backbone.modules() if has_own_projections(module)]
+    try:
+        if replaced:
+            before = probe_states(backbone)
+            for module in replaced:
+                module.forward = types.MethodType(attention_of_onnx, module)
+            try:
+                after = probe_states(backbone)
+                alike = ((after - before).norm(dim=-1) / before.norm(dim=-1).clamp_min(1e-30)).max().item() <= 1e-5
+            except Exception:  # a layer that calls its attention otherwise
+                alike = False
+            if not alike:
+                for module in replaced:
+                    del module.forward
+                replaced = []
+        yield
+    finally:
+        for module in replaced:
+            del module.forward
+
+
+def has_own_projections(module: nn.Module) -> bool:
+    config = getattr(module, "config", None)
+    return (all(isinstance(getattr(module, name, None), nn.Linear) for name in ("q_proj", "k_proj", "v_proj", "o_proj"))
+            and isinstance(getattr(module, "head_dim", None), int) and isinstance(getattr(module, "scaling", None), float)
+            and all(isinstance(getattr(config, name, None), int) for name in ("num_attention_heads", "num_key_value_heads")))
+
+
+def attention_of_onnx(module: nn.Module, hidden_states: torch.Tensor, position_embeddings=None,
+                      attention_mask: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """A Hugging Face attention's forward pass with RotaryEmbedding and Attention on unsplit heads."""
+    heads, kv_heads = module.config.num_attention_heads, module.config.num_key_value_heads
+    cos, sin = position_embeddings
+    queries = rotated(module.q_proj(hidden_states), cos, sin, module.head_dim, heads)
+    keys = rotated(module.k_proj(hidden_states), cos, sin, module.head_dim, kv_heads)
+    values = module.v_proj(hidden_states)
+    attended = torch.onnx.ops.attention(queries, keys, values, attention_mask, is_causal=attention_mask is None,
+                                        q_num_heads=heads, kv_num_heads=kv_heads, scale=module.scaling)[0]
+    return module.o_proj(attended), None
+
+
+def probe_states(backbone: nn.Module) -> torch.Tensor:
+    """The last states of a padded batch of random embeddings (the scale of the backbone's own)."""
+    embeddings = backbone.get_input_embeddings()
+    generator = torch.Generator().manual_seed(0)
+    scale = embeddings.weight[:1024].std().item()
+    embeds = torch.randn(2, 7, embeddings.embedding_dim, generator=generator) * scale
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3])
+    with torch.no_grad():
+        states = backbone.base_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
+    return states[mask.bool()]
 
 
 def rotates_as_onnx(function: Callable) -> bool:

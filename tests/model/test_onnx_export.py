@@ -83,16 +83,20 @@ def test_an_assembled_graph_that_computes_otherwise_is_traced_again(four_block_l
 
 def test_norms_and_rotations_are_one_operator_each_and_sibling_products_one_product(four_block_llama, tmp_path):
     """The graph ONNX Runtime runs: each RMS norm one RMSNormalization, each rotation of queries or keys one
-    RotaryEmbedding, a block's query, key and value one product and its gate and up another, and the
-    states still PyTorch's. Hugging Face's own functions are back in place after the export."""
+    RotaryEmbedding, the attention on unsplit heads, a block's query, key and value one product and its
+    gate and up another, and the states still PyTorch's. Hugging Face's own functions are back in place after the export."""
     backbone, _ = load_backbone(str(four_block_llama))
     rotation = modeling_llama.apply_rotary_pos_emb
     assert onnx_export.export_backbone(backbone, every_layer=True, path=tmp_path / "backbone.onnx")
-    operators = Counter(node.op_type for node in onnx.load(str(tmp_path / "backbone.onnx")).graph.node)
+    graph = onnx.load(str(tmp_path / "backbone.onnx")).graph
+    operators = Counter(node.op_type for node in graph.node)
     blocks = 4
     assert operators["RMSNormalization"] == 2 * blocks + 1
     assert operators["RotaryEmbedding"] == 2 * blocks
     assert operators["MatMul"] == 4 * blocks  # q|k|v, o, gate|up, down
+    weights = {tensor.name for tensor in graph.initializer}
+    assert not [node for node in graph.node if node.op_type == "Transpose" and node.input[0] not in weights
+                and onnx_export.block_of(node, "base_model.layers") is not None], "the heads split in a block"
     assert {"Pow", "ReduceMean", "Neg", "Sqrt"}.isdisjoint(operators)
     assert modeling_llama.apply_rotary_pos_emb is rotation
     assert all("forward" not in vars(module) for module in backbone.modules())
@@ -124,6 +128,28 @@ def test_norms_and_rotations_that_compute_otherwise_are_traced_as_written():
     assert not onnx_export.computes_rms_norm(GemmaLikeRMSNorm())
     assert onnx_export.rotates_as_onnx(modeling_llama.apply_rotary_pos_emb)
     assert not onnx_export.rotates_as_onnx(interleaved_rotation)
+
+
+def test_an_attention_that_norms_its_heads_keeps_them_split(tmp_path):
+    """Qwen3 norms each head's queries and keys after the split: its attention is traced as written (the
+    heads split and transposed), and the export still computes what PyTorch does."""
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    torch.manual_seed(0)
+    backbone = AutoModelForCausalLM.from_config(Qwen3Config(
+        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=256, initializer_range=0.2)).eval()
+    assert onnx_export.export_backbone(backbone, every_layer=False, path=tmp_path / "backbone.onnx")
+    graph = onnx.load(str(tmp_path / "backbone.onnx")).graph
+    weights = {tensor.name for tensor in graph.initializer}
+    split = [node for node in graph.node if node.op_type == "Transpose" and node.input[0] not in weights
+             and onnx_export.block_of(node, "base_model.layers") is not None]
+    assert len(split) == 4 * 3  # queries, keys and values split, the output joined, in each block
+    assert Counter(node.op_type for node in graph.node)["RMSNormalization"] == 4 * 3 + 1
+    assert all("forward" not in vars(module) for module in backbone.modules())
+    onnx_backbone = OnnxBackbone(backbone, every_layer=False, threads=1)
+    assert onnx_backbone.assembled
+    torch.testing.assert_close(pass_of(backbone, onnx_backbone)[-1], pass_of(backbone)[-1], rtol=1e-4, atol=1e-4)
 
 
 def test_rounding_in_a_massive_channel_passes_the_check_and_another_state_does_not():
