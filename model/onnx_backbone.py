@@ -7,12 +7,12 @@ ONNX through a temporary file and run by ONNX Runtime's CPU provider, which fuse
 the soft tokens' embedding before it and the item head after it stay PyTorch (CLLM4Rec.embed,
 item_logits), so prompts, tables, live items and the float32 head are exactly the trainer's. The export
 is torch.export's (dynamo=True; batch and prompt length symbolic), at ONNX opset 23 where attention, RMS
-norms and rotary embeddings are one operator each, and each node costs its dispatch: SmolLM2's 30 layers
-are 951 nodes after ONNX Runtime's own optimisation (1,700 with the norms and rotations written out as
-Hugging Face writes them, 3,318 from the TorchScript exporter). A batch-1 forward of the 30 layers on an
-AVX-512 BF16 CPU: 27.8 ms against the TorchScript graph's 30.0 ms and PyTorch's 70 ms, and 11-14% less
-since on an AVX2 one (docs/benchmarks.md, "The backbone exported by torch.export" and "One operator a
-norm and a rotation"). model/onnx_export.py writes the graph, tracing two blocks and repeating the second
+norms and rotary embeddings are one operator each, and each node costs its dispatch (SmolLM2's 30 layers:
+1,700 nodes after ONNX Runtime's own optimisation as Hugging Face writes the blocks, 951 with the norms,
+rotations and products rewritten, 3,318 from the TorchScript exporter). A batch-1 forward of the 30 layers
+on an AVX-512 BF16 CPU: 27.8 ms against the TorchScript graph's 30.0 ms and PyTorch's 70 ms, and 12-19%
+less since on an AVX2 one with the rewrites of model/onnx_export.py (docs/benchmarks.md, "The backbone
+exported by torch.export" and "One operator a norm, a rotation and an attention"). model/onnx_export.py writes the graph, tracing two blocks and repeating the second
 for the rest; the session is checked against PyTorch on a padded batch before it is used, and an
 assembled graph that fails the check is traced whole instead.
 """

@@ -11,9 +11,10 @@ takes the last block's output instead. Where the blocks differ in anything but t
 on the last blocks, per-layer attention types), or the traced graph has another shape than this
 expects, the whole backbone is traced as before. OnnxBackbone checks the result against PyTorch.
 
-Two rewrites make the graph cheaper to run at a prompt's few rows: RMS norms and rotary embeddings are
-traced as ONNX's one operator each (operators_of_onnx), and the products of one value by several weights
-(a block's query, key and value; its gate and up) are joined into one (fuse_sibling_products).
+Rewrites make the graph cheaper to run at a prompt's few rows: RMS norms, rotary embeddings and the
+attention on unsplit heads are traced as ONNX's one operator each (operators_of_onnx), and the products
+of one value by several weights (a block's query, key and value; its gate and up) are joined into one
+(fuse_sibling_products).
 """
 
 from __future__ import annotations
