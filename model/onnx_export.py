@@ -104,17 +104,21 @@ def operators_of_onnx(backbone: nn.Module) -> Iterator[None]:
         yield
 
 
-@contextlib.contextmanager
-def norms_as_one_operator(backbone: nn.Module) -> Iterator[None]:
+def norms_as_one_operator(backbone: nn.Module) -> contextlib.AbstractContextManager:
     """The norms that compute torch's rms_norm (not, say, Gemma's, which scales by 1 + weight) run it while
     traced, which the exporter writes as RMSNormalization."""
-    replaced = [module for module in backbone.modules() if computes_rms_norm(module)]
-    for module in replaced:
-        module.forward = types.MethodType(rms_norm_forward, module)
+    return forwards_replaced([module for module in backbone.modules() if computes_rms_norm(module)], rms_norm_forward)
+
+
+@contextlib.contextmanager
+def forwards_replaced(modules: list[nn.Module], forward: Callable) -> Iterator[None]:
+    """Each module runs `forward` (called with the module first) instead of its own, until the block ends."""
+    for module in modules:
+        module.forward = types.MethodType(forward, module)
     try:
         yield
     finally:
-        for module in replaced:
+        for module in modules:
             del module.forward
 
 
@@ -182,32 +186,25 @@ def rotated(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_siz
     return torch.onnx.ops.rotary_embedding(states, cos, sin, num_heads=heads, rotary_embedding_dim=partial)
 
 
-@contextlib.contextmanager
-def attention_unsplit(backbone: nn.Module) -> Iterator[None]:
+def attention_unsplit(backbone: nn.Module) -> contextlib.AbstractContextManager:
     """Attention modules with their own query, key, value and output projections (Llama's, Qwen2's,
     Mistral's) are traced as attention_of_onnx: ONNX's RotaryEmbedding and Attention take the heads as
     attributes, so the states stay (batch, tokens, heads x head size), without the reshapes and
     transposes of each head's split. Kept only where the backbone then computes what it computed before
     on a padded batch of random embeddings (not, say, Qwen3's, whose heads are normed after the split)."""
-    replaced = [module for module in backbone.modules() if has_own_projections(module)]
+    modules = [module for module in backbone.modules() if has_own_projections(module)]
+    return forwards_replaced(modules if modules and attention_alike(backbone, modules) else [], attention_of_onnx)
+
+
+def attention_alike(backbone: nn.Module, modules: list[nn.Module]) -> bool:
+    """Whether the backbone's states stay (to 1e-5 of each vector's length) with attention_of_onnx in modules."""
+    before = probe_states(backbone)
     try:
-        if replaced:
-            before = probe_states(backbone)
-            for module in replaced:
-                module.forward = types.MethodType(attention_of_onnx, module)
-            try:
-                after = probe_states(backbone)
-                alike = ((after - before).norm(dim=-1) / before.norm(dim=-1).clamp_min(1e-30)).max().item() <= 1e-5
-            except Exception:  # a layer that calls its attention otherwise
-                alike = False
-            if not alike:
-                for module in replaced:
-                    del module.forward
-                replaced = []
-        yield
-    finally:
-        for module in replaced:
-            del module.forward
+        with forwards_replaced(modules, attention_of_onnx):
+            after = probe_states(backbone)
+    except Exception:  # a layer that calls its attention otherwise
+        return False
+    return ((after - before).norm(dim=-1) / before.norm(dim=-1).clamp_min(1e-30)).max().item() <= 1e-5
 
 
 def has_own_projections(module: nn.Module) -> bool:
