@@ -12,9 +12,10 @@ norms and rotary embeddings are one operator each, and each node costs its dispa
 rotations and products rewritten, 3,318 from the TorchScript exporter). A batch-1 forward of the 30 layers
 on an AVX-512 BF16 CPU: 27.8 ms against the TorchScript graph's 30.0 ms and PyTorch's 70 ms, and 12-19%
 less since on an AVX2 one with the rewrites of model/onnx_export.py (docs/benchmarks.md, "The backbone
-exported by torch.export" and "One operator a norm, a rotation and an attention"). model/onnx_export.py writes the graph, tracing two blocks and repeating the second
-for the rest; the session is checked against PyTorch on a padded batch before it is used, and an
-assembled graph that fails the check is traced whole instead.
+exported by torch.export" and "One operator a norm, a rotation and an attention"). model/onnx_export.py
+writes the graph, tracing two blocks and repeating the second for the rest; the session is checked against
+PyTorch on a padded batch before it is used, and an assembled graph that fails the check is traced whole
+instead.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch
 from torch import nn
 
 from model.backbone import BackboneOutput, ExportedBackbone
-from model.onnx_export import export_backbone
+from model.onnx_export import export_backbone, probe_batch, relative_error
 
 ENGINES = ("auto", "pytorch", "onnxruntime")  # what runs passes without gradients (use_engine)
 EXPORTER_LOGGERS = ("torch.onnx", "onnx_ir", "onnxscript")
@@ -88,11 +89,7 @@ class OnnxBackbone:
     def matches(self, backbone: nn.Module) -> bool:
         """Whether the session gives PyTorch's outputs (to float32 rounding over the blocks) at the real
         positions of a padded batch of random embeddings."""
-        embeddings = backbone.get_input_embeddings()
-        generator = torch.Generator().manual_seed(0)
-        scale = embeddings.weight[:1024].std().item()  # of some rows: the whole table's would take its size again
-        embeds = torch.randn(2, 7, embeddings.embedding_dim, generator=generator) * scale
-        mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3])
+        embeds, mask = probe_batch(backbone)
         with torch.no_grad():
             expected = ExportedBackbone(backbone, self.every_layer).eval()(embeds, mask)
         expected = expected if isinstance(expected, tuple) else (expected,)
@@ -105,12 +102,6 @@ class OnnxBackbone:
         outputs = self.session.run(None, {"inputs_embeds": inputs_embeds.detach().float().numpy(),
                                           "attention_mask": attention_mask.numpy().astype(np.int64)})
         return BackboneOutput.of(inputs_embeds, *(torch.from_numpy(output) for output in outputs))
-
-
-def relative_error(states: torch.Tensor, reference: torch.Tensor) -> float:
-    """The largest distance of a state vector from its reference, relative to the reference's length."""
-    lengths = reference.norm(dim=-1).clamp_min(torch.finfo(reference.dtype).tiny)
-    return ((states - reference).norm(dim=-1) / lengths).max().item()
 
 
 @contextlib.contextmanager

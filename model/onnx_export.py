@@ -204,14 +204,17 @@ def attention_alike(backbone: nn.Module, modules: list[nn.Module]) -> bool:
             after = probe_states(backbone)
     except Exception:  # a layer that calls its attention otherwise
         return False
-    return ((after - before).norm(dim=-1) / before.norm(dim=-1).clamp_min(1e-30)).max().item() <= 1e-5
+    return relative_error(after, before) <= 1e-5
 
 
 def has_own_projections(module: nn.Module) -> bool:
     config = getattr(module, "config", None)
-    return (all(isinstance(getattr(module, name, None), nn.Linear) for name in ("q_proj", "k_proj", "v_proj", "o_proj"))
-            and isinstance(getattr(module, "head_dim", None), int) and isinstance(getattr(module, "scaling", None), float)
-            and all(isinstance(getattr(config, name, None), int) for name in ("num_attention_heads", "num_key_value_heads")))
+    projections = ("q_proj", "k_proj", "v_proj", "o_proj")
+    return (all(isinstance(getattr(module, name, None), nn.Linear) for name in projections)
+            and isinstance(getattr(module, "head_dim", None), int)
+            and isinstance(getattr(module, "scaling", None), float)
+            and all(isinstance(getattr(config, name, None), int)
+                    for name in ("num_attention_heads", "num_key_value_heads")))
 
 
 def attention_of_onnx(module: nn.Module, hidden_states: torch.Tensor, position_embeddings=None,
@@ -228,15 +231,27 @@ def attention_of_onnx(module: nn.Module, hidden_states: torch.Tensor, position_e
 
 
 def probe_states(backbone: nn.Module) -> torch.Tensor:
-    """The last states of a padded batch of random embeddings (the scale of the backbone's own)."""
-    embeddings = backbone.get_input_embeddings()
-    generator = torch.Generator().manual_seed(0)
-    scale = embeddings.weight[:1024].std().item()
-    embeds = torch.randn(2, 7, embeddings.embedding_dim, generator=generator) * scale
-    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3])
+    """The last states at the real positions of probe_batch."""
+    embeds, mask = probe_batch(backbone)
     with torch.no_grad():
         states = backbone.base_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
     return states[mask.bool()]
+
+
+def probe_batch(backbone: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """A padded batch of random embeddings at the scale of the backbone's own, and its mask: what a rewrite
+    and the exported graph are checked on."""
+    embeddings = backbone.get_input_embeddings()
+    generator = torch.Generator().manual_seed(0)
+    scale = embeddings.weight[:1024].std().item()  # of some rows: the whole table's would take its size again
+    embeds = torch.randn(2, 7, embeddings.embedding_dim, generator=generator) * scale
+    return embeds, torch.tensor([[1] * 7, [1] * 4 + [0] * 3])
+
+
+def relative_error(states: torch.Tensor, reference: torch.Tensor) -> float:
+    """The largest distance of a state vector from its reference, relative to the reference's length."""
+    lengths = reference.norm(dim=-1).clamp_min(torch.finfo(reference.dtype).tiny)
+    return ((states - reference).norm(dim=-1) / lengths).max().item()
 
 
 def rotates_as_onnx(function: Callable) -> bool:
@@ -387,17 +402,16 @@ class JoinedWeights(dict):
         return torch.cat([self[part].detach().float().t() for part in parts], dim=1).contiguous()
 
     def __contains__(self, name: object) -> bool:
-        return dict.__contains__(self, name) or (
-            isinstance(name, str) and JOINED in name and all(dict.__contains__(self, part) for part in name.split(JOINED)))
+        return dict.__contains__(self, name) or (isinstance(name, str) and JOINED in name and all(
+            dict.__contains__(self, part) for part in name.split(JOINED)))
 
 
-def fuse_sibling_products(graph: onnx.ModelProto, weights: JoinedWeights, data_file: Path) -> int:
+def fuse_sibling_products(graph: onnx.ModelProto, weights: JoinedWeights, data_file: Path) -> None:
     """Products of one value by several of the model's weights (a block's query, key and value; its gate
     and up) as one product by those weights side by side, split after it (in place; the joined weights
     written to data_file, under their JoinedWeights names, so that repeat_last_block finds each later
     block's). Fewer, wider products: at a prompt's few rows a CPU runs them closer to its peak, and each
-    product pays its dispatch once (at SmolLM2's 30 layers the batch-1 pass 7% faster, docs/benchmarks.md).
-    Returns how many groups were joined."""
+    product pays its dispatch once (at SmolLM2's 30 layers the batch-1 pass 7% faster, docs/benchmarks.md)."""
     nodes = list(graph.graph.node)
     made_by = {value: node for node in nodes for value in node.output}
 
@@ -409,22 +423,23 @@ def fuse_sibling_products(graph: onnx.ModelProto, weights: JoinedWeights, data_f
         perm = next((list(a.ints) for a in source.attribute if a.name == "perm"), None)
         return source.input[0] if weights[source.input[0]].dim() == 2 and perm in ([1, 0], None) else None
 
-    siblings: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    siblings: dict[str, list[tuple[onnx.NodeProto, str]]] = defaultdict(list)  # value -> (product, weight name)
     for node in nodes:
-        if node.op_type == "MatMul" and weight_name(node) is not None:
-            siblings[node.input[0]].append(node)
+        if node.op_type == "MatMul" and (weight := weight_name(node)) is not None:
+            siblings[node.input[0]].append((node, weight))
     joined: dict[int, list[onnx.NodeProto]] = {}  # the first product of a group -> its replacement
     initializers = {tensor.name for tensor in graph.graph.initializer}
     offset = 0
     with open(data_file, "wb") as data:
-        for value, products in siblings.items():
-            if len(products) < 2:
+        for value, group in siblings.items():
+            if len(group) < 2:
                 continue
-            name = JOINED.join(weight_name(product) for product in products)
+            products, parts = zip(*group)
+            name = JOINED.join(parts)
             tensor = numpy_helper.from_array(weights[name].numpy(), name)
             offset = write_external(tensor, data, data_file.name, offset)
             graph.graph.initializer.append(tensor)
-            widths = [weights[weight_name(product)].shape[0] for product in products]
+            widths = [weights[part].shape[0] for part in parts]
             widths_name = f"joined_widths/{'_'.join(map(str, widths))}"  # shared by every block alike
             if widths_name not in initializers:
                 graph.graph.initializer.append(numpy_helper.from_array(torch.tensor(widths).numpy(), widths_name))
@@ -438,7 +453,7 @@ def fuse_sibling_products(graph: onnx.ModelProto, weights: JoinedWeights, data_f
             joined[id(products[0])] = replacement
             joined.update({id(product): [] for product in products[1:]})
     if not joined:
-        return 0
+        return
     ordered = [new for node in nodes for new in joined.get(id(node), [node])]
     del graph.graph.node[:]
     graph.graph.node.extend(without_unread(ordered, {v.name for v in graph.graph.output}))
@@ -446,7 +461,6 @@ def fuse_sibling_products(graph: onnx.ModelProto, weights: JoinedWeights, data_f
     kept = [tensor for tensor in graph.graph.initializer if tensor.name in read]
     del graph.graph.initializer[:]
     graph.graph.initializer.extend(kept)
-    return sum(1 for replacement in joined.values() if replacement)
 
 
 def stacked(values: list[str], initializers) -> list[onnx.NodeProto]:

@@ -13,7 +13,8 @@ from transformers.models.llama import modeling_llama
 from model import onnx_export
 from model.adapters import attach_adapters
 from model.backbone import DEFAULT_BACKBONE, load_backbone
-from model.onnx_backbone import MATCH_TOLERANCE, OnnxBackbone, relative_error
+from model.onnx_backbone import MATCH_TOLERANCE, OnnxBackbone
+from model.onnx_export import relative_error
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +85,8 @@ def test_an_assembled_graph_that_computes_otherwise_is_traced_again(four_block_l
 def test_norms_and_rotations_are_one_operator_each_and_sibling_products_one_product(four_block_llama, tmp_path):
     """The graph ONNX Runtime runs: each RMS norm one RMSNormalization, each rotation of queries or keys one
     RotaryEmbedding, the attention on unsplit heads, a block's query, key and value one product and its
-    gate and up another, and the states still PyTorch's. Hugging Face's own functions are back in place after the export."""
+    gate and up another, and the states still PyTorch's. Hugging Face's own functions are back in place
+    after the export."""
     backbone, _ = load_backbone(str(four_block_llama))
     rotation = modeling_llama.apply_rotary_pos_emb
     assert onnx_export.export_backbone(backbone, every_layer=True, path=tmp_path / "backbone.onnx")
