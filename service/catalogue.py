@@ -70,6 +70,10 @@ class Catalogue:
         self.state = CatalogueState()
         self.version: str | None = None
 
+    @property
+    def version_key(self) -> str:
+        return self.prefix + VERSION_KEY
+
     def publish(self) -> None:
         metrics.live_items.set(len(self.state.live))
         metrics.retired_items.set(len(self.state.retired))
@@ -88,7 +92,7 @@ class Catalogue:
         async def add_if_new():
             pipe = self.redis.pipeline(transaction=True)
             pipe.hsetnx(self.prefix + LIVE_KEY, item.item_id, record)
-            pipe.incr(self.prefix + VERSION_KEY)
+            pipe.incr(self.version_key)
             added, _ = await pipe.execute()
             return bool(added)
         added = await self.call("catalogue", add_if_new)
@@ -106,7 +110,7 @@ class Catalogue:
         async def change():
             pipe = self.redis.pipeline(transaction=True)
             (pipe.srem if available else pipe.sadd)(self.prefix + RETIRED_KEY, item_id)
-            pipe.incr(self.prefix + VERSION_KEY)
+            pipe.incr(self.version_key)
             await pipe.execute()
         await self.call("catalogue", change)
         await self.refresh()
@@ -116,19 +120,28 @@ class Catalogue:
         if self.redis is None:
             return self.state
         try:
-            version = await self.call("catalogue", lambda: self.redis.get(self.prefix + VERSION_KEY))
-            if version != self.version:
-                async def read_all():
-                    pipe = self.redis.pipeline(transaction=True)
-                    pipe.hgetall(self.prefix + LIVE_KEY)
-                    pipe.smembers(self.prefix + RETIRED_KEY)
-                    return await pipe.execute()
-                live, retired = await self.call("catalogue", read_all)
-                self.state = CatalogueState(
-                    {item_id: LiveItem(item_id, **json.loads(record)) for item_id, record in live.items()},
-                    frozenset(retired))
-                self.version = version
-                self.publish()
+            version = await self.call("catalogue", lambda: self.redis.get(self.version_key))
+        except HistoryStoreUnavailable as e:
+            log.warning("catalogue not refreshed, serving with the last one read: %s", e)
+            return self.state
+        return await self.catch_up(version)
+
+    async def catch_up(self, version: str | None) -> CatalogueState:
+        """As refresh, given the version key's value as just read (HistoryStore.get_beside)."""
+        if self.redis is None or version == self.version:
+            return self.state
+        try:
+            async def read_all():
+                pipe = self.redis.pipeline(transaction=True)
+                pipe.hgetall(self.prefix + LIVE_KEY)
+                pipe.smembers(self.prefix + RETIRED_KEY)
+                return await pipe.execute()
+            live, retired = await self.call("catalogue", read_all)
+            self.state = CatalogueState(
+                {item_id: LiveItem(item_id, **json.loads(record)) for item_id, record in live.items()},
+                frozenset(retired))
+            self.version = version
+            self.publish()
         except HistoryStoreUnavailable as e:
             log.warning("catalogue not refreshed, serving with the last one read: %s", e)
         return self.state

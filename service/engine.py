@@ -1,6 +1,6 @@
 """The requests' side of serving: what the routes call, around the served model (service/served_model.py).
 
-A request's way: its history from the store (one round trip for all users of a call, beside the
+A request's way: its history from the store (one round trip for all users of a call and the
 catalogue's version), the business rules (seen, excluded, candidate and retired items) as masks, the job to
 the batcher (service/batcher.py), which scores it in one forward pass with whatever else is waiting; the
 answer's JSON from the served model. Histories, interactions, erasure and the live catalogue's items
@@ -175,12 +175,15 @@ class Engine:
         model = self.model  # the whole request is answered by one model, even if a reload swaps it meanwhile
         histories: list[Sequence[str] | None] = [r.history for r in requests]
         stored = [i for i, r in enumerate(requests) if r.history is None]
-        # One store round trip for every user whose history is needed, side by side with the catalogue's;
+        # One store round trip for every user whose history is needed and the catalogue's version;
         # meanwhile a forward pass about to start waits for these requests (up to max_wait).
         with self.batcher.arriving(len(requests)):
-            fetched, catalogue = await asyncio.gather(
-                self.store.get([requests[i].user_id for i in stored]) if stored else asyncio.sleep(0, []),
-                self.sync_catalogue(model))
+            if stored:
+                fetched, version = await self.store.get_beside([requests[i].user_id for i in stored],
+                                                               self.catalogue.version_key)
+                catalogue = await self.with_live_items(model, await self.catalogue.catch_up(version))
+            else:
+                fetched, catalogue = [], await self.sync_catalogue(model)
         for i, history in zip(stored, fetched):
             histories[i] = history
         retired = model.indices(catalogue.retired)
@@ -236,7 +239,10 @@ class Engine:
 
     async def sync_catalogue(self, model: ServedModel) -> CatalogueState:
         """The catalogue as last changed by any replica, with its new live items added to `model`."""
-        state = await self.catalogue.refresh()
+        return await self.with_live_items(model, await self.catalogue.refresh())
+
+    async def with_live_items(self, model: ServedModel, state: CatalogueState) -> CatalogueState:
+        """`state`, its live items that `model` lacks added to it first."""
         if all(item_id in model.live for item_id in state.live):
             return state
         async with self.syncing:

@@ -87,6 +87,10 @@ class HistoryStore(Protocol):
     async def get(self, user_ids: Sequence[str]) -> list[list[str]]:
         """The histories of several users in one round trip, oldest first ([] for a user without one)."""
 
+    async def get_beside(self, user_ids: Sequence[str], key: str) -> tuple[list[list[str]], str | None]:
+        """The histories and one string key's value, in one round trip: a recommendation reads the
+        catalogue's version (service/catalogue.py) beside its histories. None without a shared store."""
+
     async def append(self, user_id: str, item_ids: Sequence[str]) -> int:
         """Append events; returns the history's length afterwards (capped)."""
 
@@ -141,6 +145,18 @@ class RedisHistoryStore:
                 pipe.lrange(self.history_key(user_id), 0, -1)
             return await pipe.execute()
         return await self.call("get_many", get_many)
+
+    async def get_beside(self, user_ids: Sequence[str], key: str) -> tuple[list[list[str]], str | None]:
+        # One pipeline rather than two calls side by side: one write and one read on one connection,
+        # no task of its own for each (docs/benchmarks.md, "One round trip a request").
+        async def get_both():
+            pipe = self.redis.pipeline(transaction=False)
+            for user_id in user_ids:
+                pipe.lrange(self.history_key(user_id), 0, -1)
+            pipe.get(key)
+            *histories, value = await pipe.execute()
+            return histories, value
+        return await self.call("get", get_both)
 
     async def append(self, user_id: str, item_ids: Sequence[str]) -> int:
         key = self.history_key(user_id)
@@ -210,6 +226,9 @@ class InProcessHistoryStore:
 
     async def get(self, user_ids: Sequence[str]) -> list[list[str]]:
         return [list(self.histories.get(user_id, ())) for user_id in user_ids]
+
+    async def get_beside(self, user_ids: Sequence[str], key: str) -> tuple[list[list[str]], str | None]:
+        return await self.get(user_ids), None
 
     async def append(self, user_id: str, item_ids: Sequence[str]) -> int:
         history = self.histories.setdefault(user_id, deque(maxlen=self.max_length))

@@ -52,8 +52,11 @@ def test_server_seeds_redis_and_serves_online_updates(tiny_checkpoint, offline, 
         before = client.get("/metrics").text
         client.post("/recommend", json={"user_id": user_id})
         after_metrics = client.get("/metrics").text
-        assert metric_value(after_metrics, "cllm4rec_redis_operation_duration_seconds_count", operation="get") == \
-            metric_value(before, "cllm4rec_redis_operation_duration_seconds_count", operation="get") + 1
+        # One round trip a recommendation: the history and the catalogue's version in one pipeline.
+        for operation, calls in (("get", 1), ("catalogue", 0)):
+            assert metric_value(after_metrics, "cllm4rec_redis_operation_duration_seconds_count",
+                                operation=operation) == \
+                metric_value(before, "cllm4rec_redis_operation_duration_seconds_count", operation=operation) + calls
 
     # A restarted server finds the store seeded by its checkpoint and keeps the online events.
     with running_server(settings) as server, server.client() as client:
