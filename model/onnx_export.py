@@ -152,7 +152,8 @@ def rotations_as_one_operator(backbone: nn.Module) -> Iterator[None]:
     name: where it computes RotaryEmbedding's rotation, the modules of the backbone's layers call
     rotary_embedding instead while traced. That name is global to the module, so a PyTorch pass of the
     same model family elsewhere (a model serving while another is exported) calls it meanwhile too, with
-    the same result (the check below; exports take EXPORTING one at a time)."""
+    the same result in float32 and bfloat16 (the check below, and a test; exports take EXPORTING one at a
+    time)."""
     modeling = {sys.modules[type(module).__module__] for module in backbone.modules()}
     replaced = [(namespace, getattr(namespace, ROTATION)) for namespace in modeling
                 if callable(getattr(namespace, ROTATION, None)) and rotates_as_onnx(getattr(namespace, ROTATION))]

@@ -107,6 +107,29 @@ def test_norms_and_rotations_are_one_operator_each_and_sibling_products_one_prod
         torch.testing.assert_close(mine, reference, rtol=1e-4, atol=1e-4)
 
 
+def test_a_model_of_the_same_family_serving_during_an_export_computes_as_before(four_block_llama):
+    """While one backbone is exported, Hugging Face's rotation is swapped in its modeling module for the
+    whole process: another model of that family serving meanwhile in PyTorch (the model a reload
+    replaces, in float32 or in the bfloat16 formats) gives the states it gave before."""
+    exported, _ = load_backbone(str(four_block_llama))
+    serving, _ = load_backbone(str(four_block_llama))
+    rotation = modeling_llama.apply_rotary_pos_emb
+    for dtype in (torch.float32, torch.bfloat16):
+        serving.to(dtype)
+        generator = torch.Generator().manual_seed(2)
+        embeds = torch.randn(3, 5, serving.get_input_embeddings().embedding_dim, generator=generator).to(dtype)
+        mask = torch.tensor([[1] * 5, [1] * 2 + [0] * 3, [1] * 4 + [0]])
+
+        def states():
+            with torch.no_grad():
+                return serving.base_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
+        before = states()
+        with onnx_export.rotations_as_one_operator(exported):
+            assert modeling_llama.apply_rotary_pos_emb is not rotation, "swapped while exported"
+            during = states()
+        torch.testing.assert_close(during, before)
+
+
 def test_norms_and_rotations_that_compute_otherwise_are_traced_as_written():
     """A norm that scales by 1 + weight (Gemma's) is not RMSNormalization, an interleaved rotation is not
     the halves' RotaryEmbedding: both stay as their model writes them."""
