@@ -21,6 +21,7 @@ reach it once Redis is back), rather than failing recommendations over the catal
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from dataclasses import dataclass, field
@@ -118,6 +119,7 @@ class Catalogue:
     async def refresh(self) -> CatalogueState:
         """The live items and retired ids, re-read only when another replica (or this one) changed them."""
         if self.redis is None:
+            await asyncio.sleep(0)  # a turn for the event loop, as the read from Redis gives (InProcessHistoryStore)
             return self.state
         try:
             version = await self.call("catalogue", lambda: self.redis.get(self.version_key))
