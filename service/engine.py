@@ -33,7 +33,8 @@ from service.heap import freeze_long_lived
 from service.histories import HistoryStore, seed_from_checkpoint
 from service.schemas import (ErasureResponse, HistoryResponse, InteractionsResponse, ItemResponse,
                              RecommendQuery, ReloadResponse)
-from service.served_model import Answer, Ranking, ScoreJob, ServedModel, latest_unique, load_and_warm_up
+from service.served_model import (Answer, Ranking, RetiredItems, ScoreJob, ServedModel, latest_unique,
+                                  load_and_warm_up)
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -186,7 +187,7 @@ class Engine:
                 fetched, catalogue = [], await self.sync_catalogue(model)
         for i, history in zip(stored, fetched):
             histories[i] = history
-        retired = model.indices(catalogue.retired)
+        retired = model.retired_items(catalogue.retired)
         answers: list[Answer | None] = [None] * len(requests)
         # At most one batch's worth of jobs in the queue per call: a large /recommend/batch fills
         # full forward passes one after another instead of taking the whole queue.
@@ -210,7 +211,7 @@ class Engine:
         return await asyncio.to_thread(lambda: [model.response_json(answer) for answer in answers])
 
     async def recommend_one(self, model: ServedModel, request: RecommendQuery, history: Sequence[str],
-                            retired: Sequence[int] = (), siblings: bool = False) -> Answer:
+                            retired: RetiredItems | None = None, siblings: bool = False) -> Answer:
         recommender = model.recommender
         item_index = recommender.item_index
         known = model.indices(history)
@@ -220,7 +221,6 @@ class Engine:
         # Business rules and the history, as masks on the one pass's scores.
         excluded = set(known) if request.exclude_seen else set()
         excluded.update(model.indices(request.exclude_item_ids or ()))
-        excluded.update(retired)
         excluded = sorted(excluded)
         candidates = None if request.candidate_item_ids is None else \
             sorted(set(model.indices(request.candidate_item_ids)))
@@ -231,10 +231,10 @@ class Engine:
         if user is None and not known:
             metrics.fallback.inc()
             fallback = "most_popular"
-            items, values = model.most_popular(excluded, request.k, candidates)
+            items, values = model.most_popular(excluded, request.k, candidates, retired)
         else:
             items, values = await self.batcher.submit(model.job(user, latest_unique(known), excluded, request.k,
-                                                                candidates), siblings)
+                                                                candidates, retired), siblings)
         return Answer(request.user_id, items, values, user is None, fallback, unknown)
 
     async def sync_catalogue(self, model: ServedModel) -> CatalogueState:
@@ -243,7 +243,8 @@ class Engine:
 
     async def with_live_items(self, model: ServedModel, state: CatalogueState) -> CatalogueState:
         """`state`, its live items that `model` lacks added to it first."""
-        if all(item_id in model.live for item_id in state.live):
+        if model.catalogue_synced is state or all(item_id in model.live for item_id in state.live):
+            model.catalogue_synced = state
             return state
         async with self.syncing:
             new = [item for item_id, item in state.live.items()
@@ -251,6 +252,7 @@ class Engine:
             if new:
                 await asyncio.to_thread(model.add_live_items, new)
                 log.info("live items added to model %s: %d", model.version, len(new))
+        model.catalogue_synced = state
         return state
 
     async def item(self, item_id: str) -> ItemResponse:
@@ -282,8 +284,8 @@ class Engine:
         index = model.recommender.item_index.get(item_id)
         if index is None:
             raise UnknownItem(f"no item {item_id!r} in the catalogue of model {model.version}")
-        excluded = sorted({index, *model.indices(state.retired)})
-        items, scores = await self.batcher.submit(model.job(None, [index], excluded, k))
+        items, scores = await self.batcher.submit(model.job(None, [index], [index], k,
+                                                            retired=model.retired_items(state.retired)))
         return model.response_json(Answer(item_id, items, scores, cold_start=True, fallback=None,
                                           unknown_item_ids=[]))
 

@@ -77,6 +77,12 @@ class ServedModel:
     # The trained catalogue's texts, tokenized at load for a readout head (its text term's fit reads them), else
     # on the first live item.
     catalogue_texts: CatalogueTexts | None = None
+    # The catalogue's retired ids as this model's indices, for the set of ids they were made from and the
+    # catalogue's size then (retired_items): made once per change, not per request.
+    retired_made: tuple[frozenset[str], int, RetiredItems] | None = None
+    # The catalogue state (service.catalogue.CatalogueState, replaced on every change) whose live items this
+    # model holds: checked by identity, not item by item, on every request.
+    catalogue_synced: object | None = None
 
     @classmethod
     def load(cls, checkpoint: Path, settings: Settings) -> ServedModel:
@@ -110,23 +116,36 @@ class ServedModel:
                                  "n_users": str(meta["n_users"]), "precision": self.precision.precision})
 
     def job(self, user: int | None, history: list[int], excluded: list[int], k: int,
-            candidates: list[int] | None = None) -> ScoreJob:
+            candidates: list[int] | None = None, retired: RetiredItems | None = None) -> ScoreJob:
         recommender = self.recommender
         return ScoreJob(self, build_recommend_prompt(recommender.space, user, history, recommender.max_history),
-                        excluded, k, candidates)
+                        excluded, k, candidates, retired)
+
+    def retired_items(self, item_ids: frozenset[str]) -> RetiredItems:
+        """The retired ids (CatalogueState.retired) as this model's items, made again only when the ids or the
+        model's items (live items added) changed: thousands of retired items cost a request nothing more."""
+        size = len(self.recommender.item_index)
+        made = self.retired_made
+        if made is None or made[0] is not item_ids or made[1] != size:
+            indices = sorted(self.indices(item_ids))
+            made = self.retired_made = (item_ids, size, RetiredItems(
+                frozenset(indices), torch.as_tensor(indices, dtype=torch.long, device=self.recommender.device)))
+        return made[2]
 
     def indices(self, item_ids: Iterable[str]) -> list[int]:
         """The item indices of the ids this model knows, in order; ids it does not know are skipped."""
         item_index = self.recommender.item_index
         return [item_index[item_id] for item_id in item_ids if item_id in item_index]
 
-    def most_popular(self, excluded: Sequence[int], k: int, candidates: Sequence[int] | None = None) -> Ranking:
-        """The fallback: the k most popular items not excluded (and among the candidates, when given),
-        from the order sorted once at load."""
+    def most_popular(self, excluded: Sequence[int], k: int, candidates: Sequence[int] | None = None,
+                     retired: RetiredItems | None = None) -> Ranking:
+        """The fallback: the k most popular items neither excluded nor retired (and among the candidates, when
+        given), from the order sorted once at load."""
         excluded = set(excluded)
+        gone = retired.indices if retired is not None else frozenset()
         allowed = set(candidates) if candidates is not None else None
         items = list(islice((i for i in self.popular_first
-                             if i not in excluded and (allowed is None or i in allowed)), k))
+                             if i not in excluded and i not in gone and (allowed is None or i in allowed)), k))
         return items, [self.popularity[i] for i in items]
 
     def response_json(self, answer: Answer) -> bytes:
@@ -184,6 +203,12 @@ class ServedModel:
             columns = [item for job in jobs for item in job.excluded]
             scores[torch.as_tensor(rows, device=scores.device),
                    torch.as_tensor(columns, device=scores.device)] = -torch.inf
+        retired_rows: dict[int, tuple[torch.Tensor, list[int]]] = {}  # the jobs of one catalogue state share it
+        for row, job in enumerate(jobs):
+            if job.retired is not None and job.retired.indices:
+                retired_rows.setdefault(id(job.retired), (job.retired.tensor, []))[1].append(row)
+        for retired, rows in retired_rows.values():
+            scores[torch.as_tensor(rows, device=scores.device)[:, None], retired] = -torch.inf
         return top_k(scores, [job.k for job in jobs])
 
 
@@ -204,17 +229,27 @@ def latest_unique(items: list[int]) -> list[int]:
     return list(dict.fromkeys(reversed(items)))[::-1]
 
 
+@dataclass(frozen=True)
+class RetiredItems:
+    """The catalogue's retired items as one model's indices, as a set (the fallback) and as a tensor on the
+    model's device (a row's mask)."""
+
+    indices: frozenset[int]
+    tensor: torch.Tensor
+
+
 @dataclass
 class ScoreJob:
-    """One prompt for the batcher: its top k items, the `excluded` item indices left out (and only
-    `candidates` ranked, when given), scored by the model whose token space the prompt and indices
-    belong to."""
+    """One prompt for the batcher: its top k items, the `excluded` item indices (the request's own) and
+    the `retired` ones left out (and only `candidates` ranked, when given), scored by the model whose token
+    space the prompt and indices belong to."""
 
     model: ServedModel
     prompt: list[int]
     excluded: list[int]
     k: int
     candidates: list[int] | None = None
+    retired: RetiredItems | None = None
 
 
 # (item indices, scores), best first

@@ -121,9 +121,12 @@ def test_an_item_added_from_its_text_is_served_by_every_replica(tiny_checkpoint,
                                                     "available": False}
         everything = a.post("/recommend", json={"user_id": user_id, "k": n_items}).json()
         assert "live-1" not in ids(everything)
-    # a restarted server finds it in Redis
+    # a restarted server finds it in Redis, live and retired: added to its model, and never recommended
     with running_server(settings) as server, server.client() as client:
-        assert client.get("/items/live-1").json()["source"] == "live"
+        assert "live-1" not in ids(client.post("/recommend", json={"user_id": user_id, "k": n_items}).json())
+        assert client.get("/items/live-1").json() == {"item_id": "live-1", "title": title, "source": "live",
+                                                      "available": False}
+        assert b"live-1" in server.engine.model.item_json[-1][0]
 
 
 def test_items_can_be_added_without_redis(tiny_checkpoint, offline):
