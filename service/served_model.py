@@ -36,7 +36,7 @@ from model.initialise import text_vector
 from model.placement import CatalogueTexts, TextReadout, head_rows
 from model.prompts import build_recommend_prompt
 from service import metrics
-from service.catalogue import LiveItem
+from service.catalogue import CatalogueState, LiveItem
 from service.precision import PrecisionChoice, choose_backbone_format, pin_backbone_format
 from service.settings import Settings
 
@@ -80,9 +80,9 @@ class ServedModel:
     # The catalogue's retired ids as this model's indices, for the set of ids they were made from and the
     # catalogue's size then (retired_items): made once per change, not per request.
     retired_made: tuple[frozenset[str], int, RetiredItems] | None = None
-    # The catalogue state (service.catalogue.CatalogueState, replaced on every change) whose live items this
-    # model holds: checked by identity, not item by item, on every request.
-    catalogue_synced: object | None = None
+    # The catalogue state (replaced on every change) whose live items this model holds: checked by identity,
+    # not item by item, on every request.
+    catalogue_synced: CatalogueState | None = None
 
     @classmethod
     def load(cls, checkpoint: Path, settings: Settings) -> ServedModel:
