@@ -631,28 +631,29 @@ def test_dashboard_covers_the_issue_panels_with_real_metrics():
     assert used <= defined, f"the dashboard reads metrics the server does not export: {used - defined}"
 
 
-class ServerProcess:
-    """`cllm4rec serve` as users and the images start it: a subprocess, settings from the environment."""
+class LoggedProcess:
+    """A subprocess whose output goes to a log file, quoted (its end) when a test fails on it."""
 
-    def __init__(self, checkpoint: Path, tmp_path: Path, **settings):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = (tmp_path / f"serve-{self.port}.log").open("w")
-        env = clean_env(CLLM4REC_CHECKPOINT=str(checkpoint), CLLM4REC_HOST="127.0.0.1", CLLM4REC_PORT=str(self.port),
-                        CLLM4REC_TORCH_THREADS="1", **{f"CLLM4REC_{k.upper()}": str(v) for k, v in settings.items()})
-        self.process = subprocess.Popen([tool("cllm4rec"), "serve"], env=env, stdout=self.log,
-                                        stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
+    name = "process"
+
+    def __init__(self, command: list[str], log_path: Path, env: dict[str, str] | None = None):
+        self.log = log_path.open("w")
+        self.process = subprocess.Popen(command, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def wait_for(self, condition, what: str, timeout: float = 60):
+        """condition()'s first true value, polled; the test fails if the process exits or time runs out."""
+        deadline = time.monotonic() + timeout
         while True:
             if self.process.poll() is not None:
-                pytest.fail(f"cllm4rec serve exited {self.process.returncode}: {self.log_text()}")
+                pytest.fail(f"{self.name} exited {self.process.returncode}: {self.log_text()}")
             try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    break
+                value = condition()
+                if value:
+                    return value
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
-                pytest.fail(f"cllm4rec serve was not ready within 120 s: {self.log_text()}")
+                pytest.fail(f"{self.name}: not {what} within {timeout} s: {self.log_text()}")
             time.sleep(0.2)
 
     def log_text(self) -> str:
@@ -670,10 +671,25 @@ class ServerProcess:
         self.log.close()
 
 
-class PrometheusProcess:
+class ServerProcess(LoggedProcess):
+    """`cllm4rec serve` as users and the images start it: a subprocess, settings from the environment."""
+
+    name = "cllm4rec serve"
+
+    def __init__(self, checkpoint: Path, tmp_path: Path, **settings):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = clean_env(CLLM4REC_CHECKPOINT=str(checkpoint), CLLM4REC_HOST="127.0.0.1", CLLM4REC_PORT=str(self.port),
+                        CLLM4REC_TORCH_THREADS="1", **{f"CLLM4REC_{k.upper()}": str(v) for k, v in settings.items()})
+        super().__init__([tool("cllm4rec"), "serve"], tmp_path / f"serve-{self.port}.log", env)
+        self.wait_for(lambda: httpx.get(self.url + "/readyz", timeout=2).status_code == 200, "ready", 120)
+
+
+class PrometheusProcess(LoggedProcess):
     """A real Prometheus on the repository's scrape configuration, the target rewritten to a local
     server and the intervals shortened so a test sees several scrapes in seconds."""
 
+    name = "prometheus"
     SCRAPE_INTERVAL = "1s"
 
     def __init__(self, tmp_path: Path, target: str):
@@ -687,44 +703,15 @@ class PrometheusProcess:
                 job["static_configs"] = [{"targets": [f"127.0.0.1:{self.port}"]}]
         config_path = tmp_path / "prometheus.yml"
         config_path.write_text(yaml.safe_dump(config))
-        self.log = (tmp_path / "prometheus.log").open("w")
-        self.process = subprocess.Popen(
-            [tool("prometheus"), f"--config.file={config_path}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{self.port}"], stdout=self.log, stderr=subprocess.STDOUT)
+        super().__init__([tool("prometheus"), f"--config.file={config_path}",
+                          f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{self.port}"],
+                         tmp_path / "prometheus.log")
         self.wait_for(lambda: httpx.get(self.url + "/-/ready", timeout=2).status_code == 200, "ready")
-
-    def wait_for(self, condition, what: str, timeout: float = 60):
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.process.poll() is not None:
-                pytest.fail(f"prometheus exited {self.process.returncode}: {self.log_text()}")
-            try:
-                value = condition()
-                if value:
-                    return value
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"prometheus: not {what} within {timeout} s: {self.log_text()}")
-            time.sleep(0.25)
 
     def query(self, promql: str) -> list[dict]:
         answer = httpx.get(self.url + "/api/v1/query", params={"query": promql}, timeout=10).json()
         assert answer["status"] == "success", f"{promql}: {answer}"
         return answer["data"]["result"]
-
-    def log_text(self) -> str:
-        self.log.flush()
-        return Path(self.log.name).read_text()[-3000:]
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.log.close()
 
 
 def send_traffic(url: str, user_ids: list[str], item_ids: list[str], rounds: int, api_key: str) -> dict[str, int]:
