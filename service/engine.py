@@ -243,7 +243,8 @@ class Engine:
 
     async def with_live_items(self, model: ServedModel, state: CatalogueState) -> CatalogueState:
         """`state`, its live items that `model` lacks added to it first."""
-        if model.catalogue_synced is state or all(item_id in model.live for item_id in state.live):
+        synced = model.catalogue_synced
+        if (synced is not None and synced.live is state.live) or all(item_id in model.live for item_id in state.live):
             model.catalogue_synced = state
             return state
         async with self.syncing:

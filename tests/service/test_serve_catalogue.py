@@ -121,6 +121,8 @@ def test_an_item_added_from_its_text_is_served_by_every_replica(tiny_checkpoint,
                                                     "available": False}
         everything = a.post("/recommend", json={"user_id": user_id, "k": n_items}).json()
         assert "live-1" not in ids(everything)
+        assert a.get("/items/live-1").json()["source"] == "live"  # a retirement re-reads the retired set only
+        assert metric_value(a.get("/metrics").text, "cllm4rec_live_items") == 1
     # a restarted server finds it in Redis, live and retired: added to its model, and never recommended
     with running_server(settings) as server, server.client() as client:
         assert "live-1" not in ids(client.post("/recommend", json={"user_id": user_id, "k": n_items}).json())
