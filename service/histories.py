@@ -148,7 +148,7 @@ class RedisHistoryStore:
 
     async def get_beside(self, user_ids: Sequence[str], key: str) -> tuple[list[list[str]], str | None]:
         # One pipeline rather than two calls side by side: one write and one read on one connection,
-        # no task of its own for each (docs/benchmarks.md, "One round trip a request").
+        # no task of its own for each (docs/benchmarks.md, "One Redis round trip a request").
         async def get_both():
             pipe = self.redis.pipeline(transaction=False)
             for user_id in user_ids:
