@@ -125,8 +125,7 @@ class Catalogue:
         try:
             version = await self.call("catalogue", lambda: self.redis.get(self.version_key))
         except HistoryStoreUnavailable as e:
-            log.warning("catalogue not refreshed, serving with the last one read: %s", e)
-            return self.state
+            return self.last_read(e)
         return await self.catch_up(version)
 
     async def catch_up(self, version: str | None) -> CatalogueState:
@@ -153,5 +152,10 @@ class Catalogue:
             self.version = version
             self.publish()
         except HistoryStoreUnavailable as e:
-            log.warning("catalogue not refreshed, serving with the last one read: %s", e)
+            return self.last_read(e)
+        return self.state
+
+    def last_read(self, error: HistoryStoreUnavailable) -> CatalogueState:
+        """What a replica serves with while Redis does not answer."""
+        log.warning("catalogue not refreshed, serving with the last one read: %s", error)
         return self.state

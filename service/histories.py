@@ -138,25 +138,23 @@ class RedisHistoryStore:
     async def get(self, user_ids: Sequence[str]) -> list[list[str]]:
         if len(user_ids) == 1:
             return [await self.call("get", lambda: self.redis.lrange(self.history_key(user_ids[0]), 0, -1))]
-
-        async def get_many():
-            pipe = self.redis.pipeline(transaction=False)
-            for user_id in user_ids:
-                pipe.lrange(self.history_key(user_id), 0, -1)
-            return await pipe.execute()
-        return await self.call("get_many", get_many)
+        return await self.call("get_many", lambda: self.read_pipelined(user_ids))
 
     async def get_beside(self, user_ids: Sequence[str], key: str) -> tuple[list[list[str]], str | None]:
         # One pipeline rather than two calls side by side: one write and one read on one connection,
         # no task of its own for each (docs/benchmarks.md, "One Redis round trip a request").
-        async def get_both():
-            pipe = self.redis.pipeline(transaction=False)
-            for user_id in user_ids:
-                pipe.lrange(self.history_key(user_id), 0, -1)
+        operation = "get" if len(user_ids) == 1 else "get_many"
+        *histories, value = await self.call(operation, lambda: self.read_pipelined(user_ids, key))
+        return histories, value
+
+    async def read_pipelined(self, user_ids: Sequence[str], key: str | None = None) -> list:
+        """The users' histories and, given `key`, that key's value after them, in one pipeline."""
+        pipe = self.redis.pipeline(transaction=False)
+        for user_id in user_ids:
+            pipe.lrange(self.history_key(user_id), 0, -1)
+        if key is not None:
             pipe.get(key)
-            *histories, value = await pipe.execute()
-            return histories, value
-        return await self.call("get", get_both)
+        return await pipe.execute()
 
     async def append(self, user_id: str, item_ids: Sequence[str]) -> int:
         key = self.history_key(user_id)
